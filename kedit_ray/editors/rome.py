@@ -1,0 +1,95 @@
+"""ROME (Meng et al. 2022): a rank-one update of one MLP output projection.
+
+    W' = W + Λ (C⁻¹ k*)ᵀ,   Λ = (v* − W k*) / ((C⁻¹ k*)ᵀ k*)
+
+so that W' k* = v*. C = E[k kᵀ] over a text corpus (the layer statistics), or I without them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kedit_ray.editors.delta import Delta
+from kedit_ray.editors.toolkit import ValueParams, compute_keys, context_prefixes, optimize_values
+from kedit_ray.models import LM, check_layer
+from kedit_ray.requests import EditRequest
+
+# measured on counterfact-edit.json (see the foundation issue's note)
+DEFAULT_LAYERS = {"gemma-3-270m": 4}
+
+
+@dataclass
+class RomeParams:
+    layer: int | None = None           # None: the per-model default, else a third of the way up
+    n_prefixes: int = 5                # generated context prefixes for k* and v* (plus the bare prompt)
+    prefix_len: int = 10
+    values: ValueParams = field(default_factory=ValueParams)
+    # C: the layer statistics for `stats_corpus`; without one, any cached stats for the layer; else I
+    use_cov: bool = True               # False: C = I (`--no-cov`)
+    stats_corpus: str | None = None
+    stats_samples: int = 10_000
+    stats_max_len: int | None = None
+    compute_stats: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RomeParams:
+        d = dict(d)
+        values = ValueParams(**d.pop("values", {}))
+        return cls(**d, values=values)
+
+
+def default_layer(lm: LM) -> int:
+    return DEFAULT_LAYERS.get(lm.name, lm.n_layers // 3)
+
+
+def second_moment(lm: LM, layer: int, hp) -> tuple[torch.Tensor | None, str]:
+    """C for the layer and a label saying which C it is ("identity" or the stats file)."""
+    if hp.stats_corpus is None:
+        return None, "identity"
+    from kedit_ray.stats import layer_stats
+
+    c, info = layer_stats(lm, layer, "mlp_out", corpus=hp.stats_corpus, samples=hp.stats_samples,
+                          max_len=hp.stats_max_len, compute=hp.compute_stats)
+    return c, str(info.get("path", "stats"))
+
+
+class Rome:
+    name = "rome"
+
+    def __init__(self, params: RomeParams | None = None):
+        self.hp = params or RomeParams()
+        self._cov: dict[tuple, tuple] = {}
+
+    def layer(self, lm: LM) -> int:
+        return check_layer(lm.model, self.hp.layer if self.hp.layer is not None else default_layer(lm))
+
+    def edit(self, lm: LM, request: EditRequest) -> Delta:
+        layer = self.layer(lm)
+        timings = {}
+        t0 = time.perf_counter()
+        key = (id(lm.model), layer)
+        if key not in self._cov:
+            self._cov[key] = second_moment(lm, layer, self.hp)
+        c, c_label = self._cov[key]
+        prefixes = context_prefixes(lm, self.hp.n_prefixes, self.hp.prefix_len)
+        t1 = time.perf_counter()
+        k = compute_keys(lm, layer, [request], prefixes)[0]                       # k*
+        t2 = time.perf_counter()
+        v0, delta, info = optimize_values(lm, layer, [request], prefixes, k[None], self.hp.values)
+        t3 = time.perf_counter()
+        dw = rank_one(k.double(), delta[0].double(), None if c is None else c.to(k.device))
+        t4 = time.perf_counter()
+        timings = {"setup_s": t1 - t0, "key_s": t2 - t1, "value_s": t3 - t2, "solve_s": t4 - t3}
+        name = lm.arch.name("mlp_out", layer)
+        return Delta({name: dw.to(v0.dtype)}, {
+            "method": self.name, "model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "cov": c_label,
+            "case_id": request.case_id, "params": asdict(self.hp), **info, **timings})
+
+
+def rank_one(k: torch.Tensor, lam_dir: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """ΔW = Λ uᵀ with u = C⁻¹ k*, Λ = δ / (uᵀ k*), where δ = v* − W k*. In float64."""
+    u = k if c is None else torch.linalg.solve(c.double(), k)
+    lam = lam_dir / (u @ k)
+    return torch.outer(lam, u)

@@ -1,0 +1,212 @@
+"""Keys and values shared by the locate-then-edit editors (ROME, MEMIT, AlphaEdit).
+
+k*: the input of a layer's MLP output projection at the subject's last token, averaged over the
+    prompt and a few generated context prefixes.
+v*: the output that makes the model emit o*: v* = v0 + δ, with δ optimised on the rewriting prompts
+    plus a KL "essence" term on "{subject} is a", under ||δ|| ≤ clamp · ||v0||.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from kedit_ray.models import LM, Trace, TraceDict, head_at, start_at_layer, weight_of
+from kedit_ray.requests import EditRequest
+
+ESSENCE = "{} is a"
+
+
+@dataclass
+class ValueParams:
+    steps: int = 25              # max gradient steps on δ
+    lr: float = 0.5
+    weight_decay: float = 0.5    # on ||δ|| / ||v0||²
+    clamp_norm: float = 4.0      # ||δ|| ≤ clamp_norm · ||v0||
+    kl_factor: float = 0.0625    # essence drift weight
+    stop_nll: float = 0.05       # stop once every request's target NLL is below this
+    # the three savings, switchable for the benchmark
+    cache_residual: bool = True  # run only layers ≥ the edited one, from the cached residual stream
+    gather_logits: bool = True   # vocabulary logits only where the loss reads them
+    early_stop: bool = True
+
+
+# ---------------------------------------------------------------- tokenisation helpers
+
+def target_ids(lm: LM, target: str) -> list[int]:
+    ids = lm.tok(" " + target.strip(), add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
+def subject_last_index(lm: LM, text: str, subject: str) -> int:
+    """Index of the last token of the last occurrence of `subject` in `text` (as the model tokenises it)."""
+    end = text.rindex(subject) + len(subject)
+    offsets = lm.tok(text, return_offsets_mapping=True).offset_mapping
+    idx = [i for i, (a, b) in enumerate(offsets) if a < end and b > a]
+    return idx[-1]
+
+
+def pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into (input_ids, attention_mask)."""
+    n = max(map(len, rows))
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+_PREFIXES: dict[tuple[int, int, int, int], list[str]] = {}
+
+
+def context_prefixes(lm: LM, n: int = 5, length: int = 10, seed: int = 0) -> list[str]:
+    """ROME's context templates: "" plus n short texts the model generates itself (top-5 sampling), each
+    followed by ". ". Cached per model."""
+    key = (id(lm.model), n, length, seed)
+    if key not in _PREFIXES:
+        texts = [""]
+        if n:
+            bos = lm.tok.bos_token_id if lm.tok.bos_token_id is not None else lm.tok.eos_token_id
+            ids = torch.full((n, 1), bos, dtype=torch.long, device=lm.input_device)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
+                                        max_new_tokens=length, min_new_tokens=length,
+                                        pad_token_id=lm.tok.pad_token_id)
+            texts += [lm.tok.decode(o[1:], skip_special_tokens=True).replace("{", "").replace("}", "").strip()
+                      + ". " for o in out]
+        _PREFIXES[key] = texts
+    return _PREFIXES[key]
+
+
+# ---------------------------------------------------------------- keys
+
+@torch.no_grad()
+def compute_keys(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str],
+                 module: str = "mlp_out") -> torch.Tensor:
+    """k* per request: [n_requests, d_in], the module's input at the subject's last token, averaged over
+    the context prefixes. One forward pass, stopped right after the module."""
+    texts = [p + r.text for r in requests for p in prefixes]
+    subjects = [r.subject for r in requests for _ in prefixes]
+    rows = [lm.tok(t).input_ids for t in texts]
+    ids, mask = pad(rows, lm.tok.pad_token_id, lm.input_device)
+    name = lm.arch.name(module, layer)
+    with Trace(lm.model, name, retain_input=True, stop=True) as t:
+        lm.model(input_ids=ids, attention_mask=mask)
+    at = torch.tensor([subject_last_index(lm, x, s) for x, s in zip(texts, subjects)], device=t.input.device)
+    k = t.input[torch.arange(len(texts), device=at.device), at]
+    return k.view(len(requests), len(prefixes), -1).mean(1)
+
+
+# ---------------------------------------------------------------- values
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor
+    mask: torch.Tensor
+    edit_rows: torch.Tensor      # where δ goes: (row, position) at each subject's last token
+    edit_cols: torch.Tensor
+    edit_req: torch.Tensor       # which request's δ
+    loss_rows: torch.Tensor      # (row, position) whose logits predict a target token
+    loss_cols: torch.Tensor
+    loss_tok: torch.Tensor
+    loss_req: torch.Tensor
+    kl_rows: torch.Tensor        # (row, position) of each essence prompt's next-token distribution
+    kl_cols: torch.Tensor
+
+
+def _value_batch(lm: LM, requests: list[EditRequest], prefixes: list[str]) -> _Batch:
+    rows, edit, loss, kl = [], [], [], []
+    for q, r in enumerate(requests):
+        tgt = target_ids(lm, r.target_new)
+        for p in prefixes:
+            text = p + r.text
+            ctx = lm.tok(text).input_ids
+            i = len(rows)
+            rows.append(ctx + tgt[:-1])
+            edit.append((i, subject_last_index(lm, text, r.subject), q))
+            loss += [(i, len(ctx) - 1 + j, t, q) for j, t in enumerate(tgt)]
+    for q, r in enumerate(requests):
+        text = ESSENCE.format(r.subject)
+        i = len(rows)
+        rows.append(lm.tok(text).input_ids)
+        edit.append((i, subject_last_index(lm, text, r.subject), q))
+        kl.append((i, len(rows[-1]) - 1))
+    ids, mask = pad(rows, lm.tok.pad_token_id, lm.input_device)
+    t = lambda xs, j: torch.tensor([x[j] for x in xs])  # noqa: E731
+    return _Batch(ids, mask, t(edit, 0), t(edit, 1), t(edit, 2), t(loss, 0), t(loss, 1), t(loss, 2), t(loss, 3),
+                  t(kl, 0), t(kl, 1))
+
+
+def _log_probs(lm: LM, b: _Batch, gather: bool, cached: torch.Tensor | None, layer: int,
+               edit=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities at the loss positions and at the KL positions, under the output edit `edit`."""
+    rows = torch.cat([b.loss_rows, b.kl_rows])
+    cols = torch.cat([b.loss_cols, b.kl_cols])
+    with contextlib.ExitStack() as stack:
+        if edit is not None:
+            stack.enter_context(Trace(lm.model, lm.arch.name("mlp_out", layer), edit_output=edit, detach=False))
+        if cached is not None:
+            stack.enter_context(start_at_layer(lm.model, lm.arch.layer, layer, cached))
+        if gather:
+            dev = lm.device_of(lm.arch.lm_head)
+            stack.enter_context(head_at(lm.model, lm.arch.lm_head, rows.to(dev), cols.to(dev)))
+        logits = lm.model(input_ids=b.ids, attention_mask=b.mask).logits
+    logits = logits[0] if gather else logits[rows, cols]
+    lp = torch.log_softmax(logits.float(), -1)
+    return lp[:len(b.loss_rows)], lp[len(b.loss_rows):]
+
+
+def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str], keys: torch.Tensor,
+                    hp: ValueParams) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Optimise δ (one per request, batched) added to the MLP output at each subject's last token.
+
+    Returns (v0, δ, info) with v0 = W k* (+ b), so that v* = v0 + δ."""
+    module = lm.model.get_submodule(lm.arch.name("mlp_out", layer))
+    w = weight_of(module)
+    v0 = keys.to(w.device, w.dtype) @ w.T
+    if getattr(module, "bias", None) is not None:
+        v0 = v0 + module.bias
+    b = _value_batch(lm, requests, prefixes)
+    n_req = len(requests)
+
+    # one clean pass: cache the residual stream entering `layer` and the essence distributions
+    with torch.no_grad(), Trace(lm.model, lm.arch.name("layer", layer), retain_input=True) as t:
+        _, kl0 = _log_probs(lm, b, hp.gather_logits, None, layer)
+    cached = t.input if hp.cache_residual else None
+
+    delta = torch.zeros(n_req, w.shape[0], device=w.device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.lr)
+    max_norm = hp.clamp_norm * v0.norm(dim=-1, keepdim=True)
+    rows, cols, req = b.edit_rows.to(w.device), b.edit_cols.to(w.device), b.edit_req.to(w.device)
+
+    def add_delta(out, _name):
+        return out.index_put((rows, cols), delta[req].to(out.dtype), accumulate=True)
+
+    nll = torch.full((n_req,), float("inf"))
+    steps = 0
+    for steps in range(1, hp.steps + 1):
+        with torch.enable_grad():
+            lp, kl_lp = _log_probs(lm, b, hp.gather_logits, cached, layer, add_delta)
+            tok_nll = -lp.gather(1, b.loss_tok.to(lp.device)[:, None])[:, 0]
+            # mean NLL per request: average over its tokens (all its prompts share the target length)
+            per_req = torch.zeros(n_req, device=lp.device).index_add(0, b.loss_req.to(lp.device), tok_nll)
+            per_req = per_req / torch.bincount(b.loss_req, minlength=n_req).to(lp.device)
+            kl = torch.nn.functional.kl_div(kl_lp, kl0, log_target=True, reduction="none").sum(-1)
+            decay = delta.norm(dim=-1) / v0.norm(dim=-1) ** 2
+            loss = (per_req + hp.kl_factor * kl + hp.weight_decay * decay).sum()
+        nll = per_req.detach().cpu()
+        if hp.early_stop and nll.max() < hp.stop_nll:
+            break
+        if steps == hp.steps:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # the paper's norm bound
+            delta.mul_(torch.clamp(max_norm / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12), max=1.0))
+    return v0.detach(), delta.detach(), {"v_steps": steps, "v_nll": nll.tolist()}

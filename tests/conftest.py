@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny random Llama with a word-level tokenizer, and the real gemma-3-270m."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WORDS = ("The Where What the of in is a city located can be found Space Needle Eiffel Tower Seattle Paris Goa Rome London "
+         "mother tongue language French English speaks Danielle Darrieux Michel Rocard native speaker "
+         "capital country France Italy Spain Berlin Germany was born by made company product religion").split()
+
+
+def data_file(name: str) -> Path:
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (shared data is not part of a clone)")
+    return path
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", ".", ",", "'", "?"] + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    from tokenizers.processors import TemplateProcessing
+
+    core.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>")
+    tok.padding_side = "right"
+    return tok
+
+
+def make_tiny_lm(seed: int = 0, layers: int = 4, hidden: int = 32, inter: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kedit_ray.models import LM, detect_arch
+    from kedit_ray.models.loading import fingerprint
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return LM(model, tok, detect_arch(model), f"tiny-llama-{seed}", fingerprint(model))
+
+
+@pytest.fixture
+def tiny_lm():
+    return make_tiny_lm()
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    from kedit_ray.models import load
+
+    return load("gemma-3-270m")

@@ -1,0 +1,88 @@
+"""ROME on a tiny random Llama: the closed form, apply/revert, save/load; and on the real Gemma 3 270M."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit_ray.editors import Delta, Rome, RomeParams
+from kedit_ray.editors.rome import rank_one
+from kedit_ray.editors.toolkit import ValueParams, compute_keys, context_prefixes, optimize_values
+from kedit_ray.eval.counterfact import counterfact_scores, target_nll
+from kedit_ray.models import weight_of
+from kedit_ray.requests import EditRequest
+
+from conftest import data_file
+
+REQ = EditRequest(0, "Space Needle", "The {} is located in the city of", "Goa", "Seattle",
+                  ["The Space Needle can be found in the city of"],
+                  ["The Eiffel Tower is located in the city of"], ["Paris"])
+
+# In a random tiny model attention dilutes a single position's influence, so the tiny tests put the
+# subject last: its MLP output then feeds the prediction directly through the residual stream.
+TAIL = EditRequest(1, "Space Needle", "the city of {}", "Goa", "Seattle")
+
+
+def test_closed_form_maps_k_star_to_v_star(tiny_lm):
+    layer = 1
+    prefixes = context_prefixes(tiny_lm, 2, 4)
+    k = compute_keys(tiny_lm, layer, [REQ], prefixes)                        # k*
+    v0, delta, info = optimize_values(tiny_lm, layer, [REQ], prefixes, k, ValueParams(steps=5))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(k.shape[1], k.shape[1] * 2, generator=g, dtype=torch.float64)
+    for c in (None, a @ a.T / a.shape[1]):                                   # C = I and a real C
+        dw = rank_one(k[0].double(), delta[0].double(), c)
+        w = weight_of(tiny_lm.model.get_submodule(tiny_lm.arch.name("mlp_out", layer))).double()
+        torch.testing.assert_close((w + dw) @ k[0].double(), (v0[0] + delta[0]).double(), rtol=1e-5, atol=1e-5)  # W' k* = v*
+        assert torch.linalg.matrix_rank(dw) == 1
+    assert delta.norm() <= 4.0 * v0.norm() * (1 + 1e-5)                     # the norm bound
+
+
+def test_edit_raises_target_and_reverts_bit_for_bit(tiny_lm, tmp_path):
+    model = tiny_lm.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nll0 = target_nll(tiny_lm, [TAIL.text], [TAIL.target_new])
+    delta = Rome(RomeParams(layer=1, n_prefixes=2, prefix_len=4)).edit(tiny_lm, TAIL)
+    assert delta.meta["cov"] == "identity" and delta.meta["layer"] == 1
+    with delta.applied(model):
+        assert target_nll(tiny_lm, [TAIL.text], [TAIL.target_new]) < nll0 - 1.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    path = delta.save(tmp_path / "d.safetensors")
+    again = Delta.load(path)
+    assert again.meta == delta.meta
+    for name, d in delta.deltas.items():
+        assert torch.equal(again.deltas[name], d)
+    with pytest.raises(RuntimeError):
+        delta.revert(model)
+
+
+def test_delta_refuses_wrong_shape_and_non_delta_files(tiny_lm, tmp_path):
+    name = tiny_lm.arch.name("mlp_out", 0)
+    with pytest.raises(ValueError, match="shape"):
+        Delta({name: torch.zeros(3, 3)}).apply(tiny_lm.model)
+    from kedit_ray.io import save_tensors
+
+    save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)})
+    with pytest.raises(ValueError, match="not a kedit delta"):
+        Delta.load(tmp_path / "x.safetensors")
+
+
+def test_missing_layer_is_a_clear_error(tiny_lm):
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        Rome(RomeParams(layer=9)).edit(tiny_lm, REQ)
+
+
+def test_rome_on_gemma_demo_and_counterfact(gemma):
+    """The demo edit moves Seattle to Goa, generalises, and keeps Paris; 3 CounterFact cases reach ES 1."""
+    from kedit_ray.datasets import load_requests
+
+    rome = Rome()
+    pre = counterfact_scores(gemma, REQ)
+    with rome.edit(gemma, REQ).applied(gemma.model):
+        post = counterfact_scores(gemma, REQ)
+    assert pre["efficacy_score"] == 0 and post["efficacy_score"] == 1 and post["paraphrase_score"] == 1
+    assert post["neighborhood_score"] == 1
+    cases, _ = load_requests(data_file("counterfact-edit.json"), limit=3)
+    for case in cases:
+        with rome.edit(gemma, case).applied(gemma.model):
+            assert counterfact_scores(gemma, case)["efficacy_score"] == 1.0, case.case_id
