@@ -24,21 +24,64 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_editor_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("editor")
-    g.add_argument("--method", default="rome", choices=["rome"])
+    from kedit_ray.editors import EDITORS
+
+    g = p.add_argument_group("editor (an option applies to the methods whose parameters have it)")
+    g.add_argument("--method", default="rome", choices=sorted(EDITORS))
     g.add_argument("--layer", type=int, default=None, help="layer to edit (default: measured per model)")
+    g.add_argument("--layers", type=_ints, default=None, help="MEMIT/AlphaEdit: layers to edit, e.g. 3,4,5,6")
+    g.add_argument("--mom2-weight", type=float, default=None, help="MEMIT/AlphaEdit: λ, the weight of C (15000)")
+    g.add_argument("--nullspace-threshold", type=float, default=None,
+                   help="AlphaEdit: eigenvalues of C below this span the preserved null space (2e-2)")
     g.add_argument("--no-cov", action="store_true", help="use C = I instead of the layer statistics")
     g.add_argument("--stats-corpus", default=None, help="corpus for C (default: any cached stats for the layer)")
-    g.add_argument("--stats-samples", type=int, default=10_000)
+    g.add_argument("--stats-samples", type=int, default=None, help="documents of the corpus for C (10000)")
+    g.add_argument("--stats-max-len", type=int, default=None, help="tokens per document for C (min(context, 1024))")
     g.add_argument("--no-compute-stats", action="store_true", help="fail instead of computing missing stats")
-    g.add_argument("--v-steps", type=int, default=None, help="max gradient steps for v*")
+    g.add_argument("--v-steps", type=int, default=None, help="max gradient steps for v* (z for MEMIT)")
     g.add_argument("--v-lr", type=float, default=None)
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# params field -> (argparse dest, flag); None values are left to the editor's defaults
+EDITOR_OPTIONS = {"layer": ("layer", "--layer"), "layers": ("layers", "--layers"),
+                  "mom2_update_weight": ("mom2_weight", "--mom2-weight"),
+                  "nullspace_threshold": ("nullspace_threshold", "--nullspace-threshold"),
+                  "use_cov": ("no_cov", "--no-cov"), "stats_corpus": ("stats_corpus", "--stats-corpus"),
+                  "stats_samples": ("stats_samples", "--stats-samples"),
+                  "stats_max_len": ("stats_max_len", "--stats-max-len"),
+                  "compute_stats": ("no_compute_stats", "--no-compute-stats")}
+
+
 def editor_params(args: argparse.Namespace) -> dict:
+    """The method's parameters from the options given; an option the method does not have is an error."""
+    from dataclasses import fields
+
+    from kedit_ray.editors import EDITORS
+
+    have = {f.name for f in fields(EDITORS[args.method][1])}
+    out = {}
+    for name, (dest, flag) in EDITOR_OPTIONS.items():
+        value = getattr(args, dest)
+        if dest.startswith("no_"):
+            value = False if value else None
+        if value is None:
+            continue
+        if name not in have:
+            sys.exit(f"kedit: {flag} does not apply to --method {args.method}")
+        out[name] = value
     values = {k: v for k, v in (("steps", args.v_steps), ("lr", args.v_lr)) if v is not None}
-    return {"layer": args.layer, "use_cov": not args.no_cov, "stats_corpus": args.stats_corpus,
-            "stats_samples": args.stats_samples, "compute_stats": not args.no_compute_stats, "values": values}
+    if values:
+        if "values" not in have:
+            sys.exit(f"kedit: --v-steps/--v-lr do not apply to --method {args.method}")
+        out["values"] = values
+    return out
 
 
 def templates(args: argparse.Namespace) -> dict[str, str]:
@@ -73,8 +116,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     with delta.applied(lm.model):
         after = [top(t) for _, t in prompts]
     m = delta.meta
-    print(f"\nROME at layer {m['layer']} (C: {m['cov']}): {m['v_steps']} v* steps, "
-          f"{m['key_s'] + m['value_s'] + m['solve_s']:.1f} s\n")
+    print(f"\n{m['method'].upper()} at layer {m.get('layers', m.get('layer'))} (C: {m.get('cov')}): "
+          f"{m.get('v_steps')} v* steps, {sum(m.get(k, 0) for k in ('key_s', 'value_s', 'solve_s')):.1f} s\n")
     for (kind, text), b, a in zip(prompts, before, after):
         print(f"{kind}: {text!r}")
         fmt = lambda xs: ", ".join(f"{t!r} {p:.2f}" for t, p in xs)  # noqa: E731
@@ -115,6 +158,16 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--fluency", action="store_true", help="also greedy-generate and score fluency (slow on CPU)")
     p.add_argument("--retry-errors", action="store_true", help="rerun the cases whose rows hold an error")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--protocol", default="single", choices=["single", "batch", "sequential"],
+                   help="single: edit, score, revert per case; batch: B edits at once, then score them; "
+                        "sequential: batches applied one after another, scored at checkpoints")
+    g.add_argument("--batch-size", type=int, default=1, help="B, edits per batch (batch and sequential)")
+    g.add_argument("--checkpoints", type=_ints, default=None,
+                   help="sequential: numbers of edits at which to score, e.g. 10,100,1000 (the end is always one)")
+    g.add_argument("--held-out", type=int, default=100,
+                   help="sequential: unrelated cases (the ones after the edited cases in --data) scored at each "
+                        "checkpoint for TRR")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -131,13 +184,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "device_map": args.device_map, "fluency": args.fluency, "templates": templates(args),
               "data": str(Path(args.data).resolve()), "dataset": args.dataset}
     try:
-        summary = run_eval(config, requests, args.out, args.workers, args.cpus_per_worker, args.gpus_per_worker,
-                           address=args.address, retry_errors=args.retry_errors)
+        if args.protocol == "single":
+            summary = run_eval(config, requests, args.out, args.workers, args.cpus_per_worker, args.gpus_per_worker,
+                               address=args.address, retry_errors=args.retry_errors)
+        else:
+            summary = _eval_protocol(args, config, requests)
     except ConfigMismatch as e:
         print(f"kedit eval: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _eval_protocol(args: argparse.Namespace, config: dict, requests: list) -> dict:
+    """batch / sequential: the held-out cases are the --held-out ones after the edited cases in --data."""
+    from kedit_ray.datasets import load_requests
+    from kedit_ray.distributed.batch import run_protocol_eval
+
+    if args.fluency:
+        sys.exit("kedit: --fluency is only measured by the single protocol")
+    held_out = []
+    if args.protocol == "sequential" and args.held_out > 0:
+        more, _ = load_requests(args.data, args.dataset, None if args.limit is None else args.limit + args.held_out,
+                                args.skip_invalid)
+        edited = {r.case_id for r in requests}
+        held_out = [r for r in more if r.case_id not in edited][:args.held_out]
+        if args.limit is None:   # every case would be edited: keep the last --held-out ones apart
+            requests, held_out = requests[:-args.held_out] or requests, requests[-args.held_out:]
+    config.update(protocol=args.protocol, batch_size=args.batch_size, checkpoints=args.checkpoints,
+                  held_out=[r.case_id for r in held_out])
+    return run_protocol_eval(config, requests, args.out, args.workers, args.protocol, args.batch_size,
+                             args.checkpoints, held_out, args.cpus_per_worker, args.gpus_per_worker, args.address)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -44,15 +44,22 @@ def default_layer(lm: LM) -> int:
     return DEFAULT_LAYERS.get(lm.name, lm.n_layers // 3)
 
 
-def second_moment(lm: LM, layer: int, hp) -> tuple[torch.Tensor | None, str]:
-    """C for the layer and a label saying which C it is ("identity" or the stats file)."""
-    if hp.stats_corpus is None:
+def second_moment(lm: LM, layer: int, hp: RomeParams) -> tuple[torch.Tensor | None, str]:
+    """C for the layer and a label saying which C it is: "identity" or the stats file."""
+    if not hp.use_cov:
         return None, "identity"
     from kedit_ray.stats import layer_stats
+    from kedit_ray.stats.find import find_stats
 
-    c, info = layer_stats(lm, layer, "mlp_out", corpus=hp.stats_corpus, samples=hp.stats_samples,
-                          max_len=hp.stats_max_len, compute=hp.compute_stats)
-    return c, str(info.get("path", "stats"))
+    if hp.stats_corpus is not None:
+        found = layer_stats(lm, layer, "mlp_out", corpus=hp.stats_corpus, samples=hp.stats_samples,
+                            max_len=hp.stats_max_len, compute=hp.compute_stats)
+    else:
+        found = find_stats(lm, layer, "mlp_out")
+    if found is None:
+        return None, "identity"
+    c, info = found
+    return c, info["path"]
 
 
 class Rome:

@@ -4,6 +4,8 @@ k*: the input of a layer's MLP output projection at the subject's last token, av
     prompt and a few generated context prefixes.
 v*: the output that makes the model emit o*: v* = v0 + δ, with δ optimised on the rewriting prompts
     plus a KL "essence" term on "{subject} is a", under ||δ|| ≤ clamp · ||v0||.
+    `module` says whose output δ is added to: "mlp_out" (ROME's v*, v0 = W k*) or "layer" (MEMIT's z,
+    the residual stream leaving the block, v0 = its value at the subject's last token of the bare prompt).
 """
 from __future__ import annotations
 
@@ -143,13 +145,13 @@ def _value_batch(lm: LM, requests: list[EditRequest], prefixes: list[str]) -> _B
 
 
 def _log_probs(lm: LM, b: _Batch, gather: bool, cached: torch.Tensor | None, layer: int,
-               edit=None) -> tuple[torch.Tensor, torch.Tensor]:
+               edit=None, module: str = "mlp_out") -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities at the loss positions and at the KL positions, under the output edit `edit`."""
     rows = torch.cat([b.loss_rows, b.kl_rows])
     cols = torch.cat([b.loss_cols, b.kl_cols])
     with contextlib.ExitStack() as stack:
         if edit is not None:
-            stack.enter_context(Trace(lm.model, lm.arch.name("mlp_out", layer), edit_output=edit, detach=False))
+            stack.enter_context(Trace(lm.model, lm.arch.name(module, layer), edit_output=edit, detach=False))
         if cached is not None:
             stack.enter_context(start_at_layer(lm.model, lm.arch.layer, layer, cached))
         if gather:
@@ -161,37 +163,46 @@ def _log_probs(lm: LM, b: _Batch, gather: bool, cached: torch.Tensor | None, lay
     return lp[:len(b.loss_rows)], lp[len(b.loss_rows):]
 
 
-def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str], keys: torch.Tensor,
-                    hp: ValueParams) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Optimise δ (one per request, batched) added to the MLP output at each subject's last token.
+def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str], keys: torch.Tensor | None,
+                    hp: ValueParams, module: str = "mlp_out") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Optimise δ (one per request, batched) added to `module`'s output at each subject's last token.
 
-    Returns (v0, δ, info) with v0 = W k* (+ b), so that v* = v0 + δ."""
-    module = lm.model.get_submodule(lm.arch.name("mlp_out", layer))
-    w = weight_of(module)
-    v0 = keys.to(w.device, w.dtype) @ w.T
-    if getattr(module, "bias", None) is not None:
-        v0 = v0 + module.bias
+    Returns (v0, δ, info) so that v* = v0 + δ: for "mlp_out" v0 = W k* (+ b) from `keys`; otherwise v0 is the
+    module's output at the subject's last token of the first prefix's prompt (MEMIT's z0; `keys` unused)."""
     b = _value_batch(lm, requests, prefixes)
     n_req = len(requests)
 
-    # one clean pass: cache the residual stream entering `layer` and the essence distributions
-    with torch.no_grad(), Trace(lm.model, lm.arch.name("layer", layer), retain_input=True) as t:
+    # one clean pass: cache the residual stream entering `layer`, the essence distributions, and z0
+    with torch.no_grad(), Trace(lm.model, lm.arch.name("layer", layer), retain_input=True) as t, \
+            Trace(lm.model, lm.arch.name(module, layer), retain_output=True) as out0:
         _, kl0 = _log_probs(lm, b, hp.gather_logits, None, layer)
     cached = t.input if hp.cache_residual else None
+    if module == "mlp_out":
+        mod = lm.model.get_submodule(lm.arch.name("mlp_out", layer))
+        w = weight_of(mod)
+        v0 = keys.to(w.device, w.dtype) @ w.T
+        if getattr(mod, "bias", None) is not None:
+            v0 = v0 + mod.bias
+    else:
+        first = torch.arange(n_req) * len(prefixes)   # each request's first edit row: its first prefix
+        v0 = out0.output[b.edit_rows[first].to(out0.output.device), b.edit_cols[first].to(out0.output.device)]
+    device = v0.device
 
-    delta = torch.zeros(n_req, w.shape[0], device=w.device, requires_grad=True)
+    delta = torch.zeros(n_req, v0.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = hp.clamp_norm * v0.norm(dim=-1, keepdim=True)
-    rows, cols, req = b.edit_rows.to(w.device), b.edit_cols.to(w.device), b.edit_req.to(w.device)
+    rows, cols, req = b.edit_rows.to(device), b.edit_cols.to(device), b.edit_req.to(device)
 
     def add_delta(out, _name):
-        return out.index_put((rows, cols), delta[req].to(out.dtype), accumulate=True)
+        h = out[0] if isinstance(out, tuple) else out
+        h = h.index_put((rows, cols), delta[req].to(h.dtype), accumulate=True)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
 
     nll = torch.full((n_req,), float("inf"))
     steps = 0
     for steps in range(1, hp.steps + 1):
         with torch.enable_grad():
-            lp, kl_lp = _log_probs(lm, b, hp.gather_logits, cached, layer, add_delta)
+            lp, kl_lp = _log_probs(lm, b, hp.gather_logits, cached, layer, add_delta, module)
             tok_nll = -lp.gather(1, b.loss_tok.to(lp.device)[:, None])[:, 0]
             # mean NLL per request: average over its tokens (all its prompts share the target length)
             per_req = torch.zeros(n_req, device=lp.device).index_add(0, b.loss_req.to(lp.device), tok_nll)

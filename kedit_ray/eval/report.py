@@ -1,6 +1,9 @@
-"""`kedit report`: the aggregate table of eval runs and a bar chart of pre- against post-edit scores."""
+"""`kedit report`: the aggregate table of eval runs and a bar chart of pre- against post-edit scores; for runs
+with checkpoints (batch, sequential protocols) also ES / PS / NS (and TRR) against the number of edits, one line
+per run (labelled by its method), in lifelong.png beside the chart."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from kedit_ray.eval.summary import summarize
@@ -14,7 +17,11 @@ def load_summary(run_dir: str | Path) -> dict:
     results = Path(run_dir) / "results"
     if not results.is_dir():
         raise FileNotFoundError(f"{run_dir} holds no results/ (is it a `kedit eval --out` directory?)")
-    return summarize(ds.dataset(str(results), format="parquet").to_table())
+    config = Path(run_dir) / "config.json"
+    dataset = json.loads(config.read_text()).get("dataset") if config.exists() else None
+    from kedit_ray.eval import scorer_name
+
+    return summarize(ds.dataset(str(results), format="parquet").to_table(), scorer_name(dataset))
 
 
 def _fmt(v) -> str:
@@ -55,7 +62,52 @@ def plot(summaries: dict[str, dict], png: str | Path) -> Path:
     return Path(png)
 
 
+def checkpoint_table(summaries: dict[str, dict]) -> str:
+    lines = []
+    for run, s in summaries.items():
+        for t, c in sorted(s.get("checkpoints", {}).items(), key=lambda kv: int(kv[0])):
+            lines.append(f"{run}  {s.get('method')}  edits {t}: " + "  ".join(
+                f"{name} {_fmt(c.get(key))}" for name, key in [*COLUMNS, ("ERR", "ERR"), ("TRR", "TRR")]))
+    return "\n".join(lines)
+
+
+def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
+    """ES / PS / NS / TRR against the number of edits applied, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("TRR", "TRR")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (name, key) in zip(axes, panels):
+        for run, s in summaries.items():
+            points = sorted((int(t), c.get(key)) for t, c in s.get("checkpoints", {}).items()
+                            if c.get(key) is not None)
+            if points:
+                label = f"{s.get('method')} ({s.get('protocol', Path(run).name)})"
+                ax.plot(*zip(*points), marker="o", label=label)
+        ax.set_xlabel("edits applied")
+        ax.set_title(name)
+        ax.set_ylim(0, 1.05)
+        if len({int(t) for s in summaries.values() for t in s.get("checkpoints", {})}) > 2:
+            ax.set_xscale("log")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return Path(png)
+
+
 def report(dirs: list[str], png: str | None = None) -> str:
     summaries = {d: load_summary(d) for d in dirs}
+    for d, s in summaries.items():   # the protocol is in the run's summary.json, not in its rows
+        written = Path(d) / "summary.json"
+        if written.exists():
+            s.setdefault("protocol", json.loads(written.read_text()).get("protocol"))
     path = plot(summaries, png or Path(dirs[0]) / "report.png")
-    return f"{table(summaries)}\n\nchart: {path}"
+    text = f"{table(summaries)}\n\nchart: {path}"
+    if any(s.get("checkpoints") for s in summaries.values()):
+        lifelong = plot_lifelong(summaries, Path(path).with_name("lifelong.png"))
+        text += f"\n\n{checkpoint_table(summaries)}\n\nES/PS/NS vs number of edits: {lifelong}"
+    return text

@@ -4,21 +4,23 @@ from __future__ import annotations
 import time
 
 from kedit_ray.editors import make_editor
-from kedit_ray.eval.counterfact import counterfact_scores, fluency, generate
+from kedit_ray.eval import score
+from kedit_ray.eval.counterfact import fluency, generate
 from kedit_ray.models import load
 from kedit_ray.requests import EditRequest
 
 
 class CaseRunner:
-    """config: model, method, params (editor hyper-parameters), device_map, templates, fluency (bool)."""
+    """config: model, method, params (editor hyper-parameters), dataset (picks the scorer), device_map,
+    templates, fluency (bool)."""
 
     def __init__(self, config: dict):
         self.config = config
         self.lm = load(config["model"], device_map=config.get("device_map"), templates=config.get("templates"))
         self.editor = make_editor(config["method"], config.get("params"))
 
-    def scores(self, req: EditRequest, prefix: str = "") -> dict:
-        out = counterfact_scores(self.lm, req)
+    def scores(self, req: EditRequest, prefix: str = "", pre: dict | None = None) -> dict:
+        out = score(self.config.get("dataset"), self.lm, req, pre)
         if self.config.get("fluency"):
             out["fluency"] = fluency(generate(self.lm, [req.text, *req.paraphrase_prompts]))
         return {prefix + k: v for k, v in out.items()}
@@ -29,10 +31,9 @@ class CaseRunner:
         delta = self.editor.edit(self.lm, req)
         seconds = time.perf_counter() - t0
         with delta.applied(self.lm.model):
-            post = self.scores(req)
-        meta = delta.meta
-        return {"case_id": req.case_id, "method": self.config["method"], "model": self.config["model"],
-                **post, **pre, "edit_seconds": seconds, "error": None, "layer": meta["layer"], "cov": meta["cov"],
-                "v_steps": meta["v_steps"], "delta_norm": sum(delta.norms().values()),
-                **{k: meta[k] for k in ("key_s", "value_s", "solve_s")}}
+            post = self.scores(req, pre=pre)
+        meta = delta.meta   # what the editor reports (ROME: all of these; MEMIT: no key_s)
+        numeric = {k: v for k, v in {**post, **pre}.items() if not isinstance(v, list)}  # zsRE's argmax lists
+        return {"case_id": req.case_id, "method": self.config["method"], "model": self.config["model"], **numeric, "edit_seconds": seconds, "error": None, "delta_norm": sum(delta.norms().values()),
+                **{k: meta[k] for k in ("layer", "cov", "v_steps", "key_s", "value_s", "solve_s") if k in meta}}
 

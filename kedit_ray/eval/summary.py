@@ -3,11 +3,19 @@
 Rows are those of `OUT/results/` (a pyarrow Table or a list of dicts). Means skip nulls and
 rows with an `error`. Score S is the harmonic mean of the aggregate efficacy, paraphrase and
 neighbourhood scores (ROME's S); `pre_score` is the same for the unedited model.
+
+Rows with a `checkpoint` (batch and sequential protocols: the number of edits applied when the row was
+measured) are also summarised per checkpoint under "checkpoints" (keys are the checkpoint as a string): the
+aggregates of the edit rows measured there, ERR and TRR (kedit_ray.eval.lifelong; TRR from the rows with role
+"held_out"), and the means of any `ckpt_*` columns (editor figures). The top-level aggregates are then those of
+the last checkpoint.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+
+from kedit_ray.eval.lifelong import err, trr
 
 SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 CORE = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
@@ -39,9 +47,29 @@ def _columns(rows) -> dict[str, list]:
     return {k: [row.get(k) for row in rows] for k in names}
 
 
-def summarize(rows) -> dict:
-    """The summary of result rows: counts, metric means, Score S, seconds per edit."""
+def summarize(rows, dataset: str = "counterfact") -> dict:
+    """The summary of result rows: counts, metric means, Score S, seconds per edit (and per checkpoint)."""
     cols = _columns(rows)
+    if not any(v is not None for v in cols.get("checkpoint", [])):
+        return _aggregate(cols)
+    n = len(cols["case_id"])
+    table = [{k: v[i] for k, v in cols.items()} for i in range(n)]
+    per: dict[str, dict] = {}
+    for t in sorted({r["checkpoint"] for r in table if r["checkpoint"] is not None}):
+        at = [r for r in table if r["checkpoint"] == t]
+        edits = [r for r in at if r.get("role") != "held_out"]
+        held = [r for r in at if r.get("role") == "held_out"]
+        agg = _aggregate(_columns(edits))
+        agg.update(ERR=err(edits), TRR=trr(held, dataset), held_out_cases=len(held))
+        for name in sorted({k for r in at for k in r if k.startswith("ckpt_")}):
+            agg[name] = mean(r.get(name) for r in at)
+        per[str(t)] = agg
+    out = dict(per[max(per, key=int)])
+    out.update(rows=n, errors=sum(e is not None for e in cols.get("error", [])), checkpoints=per)
+    return out
+
+
+def _aggregate(cols: dict[str, list]) -> dict:
     n = len(cols.get("case_id", []))
     errors = cols.get("error") or [None] * n
     ok = [e is None for e in errors]

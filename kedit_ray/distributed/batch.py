@@ -1,0 +1,302 @@
+"""Batch and sequential protocols across Ray workers (`kedit eval --protocol batch|sequential`).
+
+For MEMIT-family editors (they expose targets / inputs / make_solver) one batch of requests runs as:
+
+    split the batch into W shares  ─►  each BatchWorker: pre-edit scores and z_i for its share (batched)
+    driver gathers z               ─►  per edited layer: ray.put(ΔW of the layers done so far); each worker
+                                       returns (K, h) of its share on the model with them applied;
+                                       the driver solves ΔW_l (float64, editor's solver)
+    ray.put(the Delta)             ─►  each worker scores its share on the edited model
+
+The sequential protocol keeps the list of deltas applied for good (object refs) and passes it with every call:
+a worker first applies whichever it has not yet applied, so a restarted (fresh) actor catches up by itself
+and no worker holds state the driver does not have. Editors that remember earlier edits (AlphaEdit's K_p) get
+the K Kᵀ of each applied batch from the workers (`kept_keys`) on the driver's solver. At a checkpoint, every
+edit so far and the held-out cases are scored, split over the workers.
+
+Other editors (ROME, GRACE, FT, ...) run the in-process protocol (kedit_ray.eval.protocols) on one worker.
+
+Resume: the batch protocol skips the cases that have rows (a batch is re-edited if some of its cases are
+missing, and only those are written); a sequential run cannot resume midway (the edited model is not saved).
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from kedit_ray.distributed.driver import _start_ray
+from kedit_ray.distributed.sink import PartWriter, check_config, finished_case_ids, read_results
+from kedit_ray.editors import Delta, make_editor
+from kedit_ray.editors.memit import spread
+from kedit_ray.eval import scorer_name
+from kedit_ray.eval.protocols import (batches, case_row, checkpoint_figures, edit_meta, error_rows, plan_checkpoints,
+                                      run_batch, run_sequential)
+from kedit_ray.eval.summary import summarize
+from kedit_ray.io import write_json
+from kedit_ray.requests import EditRequest
+
+
+def distributable(editor) -> bool:
+    """Editors whose keys and targets can be computed per share and solved on the driver (MEMIT, AlphaEdit)."""
+    return all(hasattr(editor, m) for m in ("targets", "inputs", "make_solver"))
+
+
+@ray.remote
+class BatchWorker:
+    """One model and editor; applies the run's deltas as told, computes shares of z, keys and scores."""
+
+    def __init__(self, config: dict, index: int, threads: int = 1):
+        from kedit_ray.models import load
+
+        torch.set_num_threads(max(1, threads))
+        self.name = f"w{index}@{socket.gethostname()}:{os.getpid()}"
+        self.lm = load(config["model"], device_map=config.get("device_map"), templates=config.get("templates"))
+        self.editor = make_editor(config["method"], config.get("params"))
+        self.dataset = scorer_name(config.get("dataset"))
+        self.applied: list[tuple[str, Delta]] = []     # (object ref id, delta), in the order applied
+
+    def ready(self) -> str:
+        return self.name
+
+    def _sync(self, state: list) -> None:
+        """Make the applied deltas exactly `state` (a list of [ObjectRef of a Delta])."""
+        ids = [ref[0].hex() for ref in state]
+        if [i for i, _ in self.applied] != ids[:len(self.applied)]:
+            for _, d in reversed(self.applied):
+                d.revert(self.lm.model)
+            self.applied = []
+        for ref in state[len(self.applied):]:
+            delta = ray.get(ref[0])
+            delta.apply(self.lm.model)
+            self.applied.append((ref[0].hex(), delta))
+
+    def plan(self) -> dict:
+        """What the driver's solver needs: layers, module names, d_in, C and its labels."""
+        layers = self.editor.layers(self.lm)
+        covs, labels = self.editor.covariances(self.lm)
+        return {"layers": layers, "names": [self.lm.arch.name("mlp_out", layer) for layer in layers],
+                "dims": self.editor.dims(self.lm), "covs": covs, "labels": labels, "model": self.lm.name,
+                "fingerprint": self.lm.fingerprint}
+
+    def targets(self, requests: list[EditRequest], state: list) -> torch.Tensor:
+        self._sync(state)
+        return self.editor.targets(self.lm, requests)[0]
+
+    def inputs(self, requests: list[EditRequest], layer: int, state: list, partial: list) -> tuple:
+        self._sync(state)
+        with Delta(dict(ray.get(partial[0]))).applied(self.lm.model):
+            return self.editor.inputs(self.lm, requests, layer)
+
+    def kept_keys(self, requests: list[EditRequest], state: list) -> dict:
+        self._sync(state)
+        return self.editor.kept_keys(self.lm, requests)
+
+    def scores(self, requests: list[EditRequest], state: list, pre: list[dict] | None = None,
+               extra: list | None = None) -> list[dict]:
+        """Scores of each request with `state` applied, and `extra` (a [ref of a Delta]) on top if given."""
+        from kedit_ray.eval import score
+
+        self._sync(state)
+        delta = ray.get(extra[0]) if extra else None
+        if delta is not None:
+            delta.apply(self.lm.model)
+        try:
+            return [score(self.dataset, self.lm, r, None if pre is None else p)
+                    for r, p in zip(requests, pre or [None] * len(requests))]
+        finally:
+            if delta is not None:
+                delta.revert(self.lm.model)
+
+    def run_protocol(self, protocol: str, requests: list, batch_size: int, checkpoints, held_out: list,
+                     method: str) -> list[dict]:
+        """The whole in-process protocol here (editors that cannot be split over workers)."""
+        self._sync([])
+        if protocol == "batch":
+            rows = run_batch(self.lm, self.editor, requests, batch_size, method, self.dataset, progress=False)
+        else:
+            rows = run_sequential(self.lm, self.editor, requests, batch_size, checkpoints, held_out, method,
+                                  self.dataset, progress=False)[0]
+        return [{**r, "worker": self.name} for r in rows]
+
+
+def shares(items: list, n: int) -> list[list]:
+    """`items` in n contiguous, near-equal, non-empty parts."""
+    n = max(1, min(n, len(items)))
+    size = math.ceil(len(items) / n)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class Pool:
+    """W BatchWorkers and the map over shares; timings of the parallel parts are kept per kind."""
+
+    def __init__(self, config: dict, workers: int, options: dict):
+        threads = max(1, int(options["num_cpus"]))
+        self.actors = [BatchWorker.options(**options).remote(config, i, threads) for i in range(workers)]
+        self.names = ray.get([a.ready.remote() for a in self.actors])
+        self.seconds: dict[str, float] = {}
+
+    def map(self, kind: str, method: str, items: list, *args, **kwargs) -> list:
+        """Call `method(share, *args)` on each worker with its share; results in the order of `items`' shares."""
+        t0 = time.perf_counter()
+        parts = shares(items, len(self.actors))
+        out = ray.get([getattr(a, method).remote(p, *args, **kwargs) for a, p in zip(self.actors, parts)])
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
+        return out
+
+    def map_rows(self, kind: str, requests: list, state: list, pre: dict, extra=None) -> list[tuple]:
+        """(request, post scores, worker name) for every request."""
+        parts = shares(requests, len(self.actors))
+        pres = [[pre[r.case_id] for r in p] for p in parts]
+        t0 = time.perf_counter()
+        out = ray.get([a.scores.remote(p, state, q, extra) for a, p, q in zip(self.actors, parts, pres)])
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
+        return [(r, s, self.names[i]) for i, (p, o) in enumerate(zip(parts, out)) for r, s in zip(p, o)]
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+
+def _edit(pool: Pool, editor, solver, plan: dict, batch: list[EditRequest], state: list) -> Delta:
+    """One MEMIT-family edit of `batch` on the model with `state` applied, z and keys computed by the workers."""
+    t0 = time.perf_counter()
+    z = torch.cat(pool.map("z", "targets", batch, state))
+
+    def inputs(layer: int, deltas: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        partial = [ray.put(deltas)]
+        parts = pool.map("keys", "inputs", batch, layer, state, partial)
+        return torch.cat([k for k, _ in parts]), torch.cat([h for _, h in parts])
+
+    deltas = spread(solver, plan["layers"], plan["names"], z, inputs)
+    pool.seconds["edit"] = pool.seconds.get("edit", 0.0) + time.perf_counter() - t0
+    return Delta(deltas, {"method": editor.name, "model": plan["model"], "fingerprint": plan["fingerprint"],
+                          "layer": plan["layers"][-1], "layers": plan["layers"],
+                          "cov": ";".join(sorted(set(plan["labels"].values()))),
+                          "case_ids": [r.case_id for r in batch], "edit_s": time.perf_counter() - t0})
+
+
+def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, workers: int, protocol: str,
+                      batch_size: int, checkpoints: list[int] | None = None, held_out: list[EditRequest] = (),
+                      cpus_per_worker: float = 1, gpus_per_worker: float = 0, address: str | None = None,
+                      progress: bool = True) -> dict:
+    """The batch or sequential protocol over `workers` BatchWorkers; OUT as for `run_eval`, returns the summary."""
+    if protocol not in ("batch", "sequential"):
+        raise ValueError(f"protocol must be batch or sequential here, got {protocol!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be ≥ 1, got {workers}")
+    ids = [r.case_id for r in [*requests, *held_out]]
+    if len(set(ids)) != len(ids):
+        raise ValueError("case_ids must be unique across the edited and the held-out cases")
+    out_dir = Path(out)
+    config = check_config(out_dir, config)
+    dataset = scorer_name(config.get("dataset"))
+    method = config["method"]
+    done = finished_case_ids(out_dir)
+    if protocol == "batch":
+        todo = [(i, b) for i, b in enumerate(batches(requests, batch_size)) if any(r.case_id not in done for r in b)]
+    else:
+        plan_checkpoints(len(requests), batch_size, checkpoints)   # bad checkpoints fail before Ray starts
+        if done and not _sequential_complete(out_dir, requests, held_out, batch_size, checkpoints):
+            raise ValueError(f"{out} holds part of a sequential run, which cannot resume midway; "
+                             "use another --out or delete that directory")
+        todo = [] if done else list(enumerate(batches(requests, batch_size)))
+    start = time.time()
+    timings: dict = {}
+    try:
+        if todo:
+            started = _start_ray(address, workers, cpus_per_worker, gpus_per_worker)
+            options = dict(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+            try:
+                pool = Pool(config, workers, options)
+                try:
+                    with PartWriter(out_dir) as writer:
+                        editor = make_editor(method, config.get("params"))
+                        if not distributable(editor):
+                            rows = ray.get(pool.actors[0].run_protocol.remote(
+                                protocol, [r for _, b in todo for r in b], batch_size, checkpoints, list(held_out),
+                                method))
+                            for row in rows:
+                                if protocol == "sequential" or row["case_id"] not in done:
+                                    writer.add(row)
+                        elif protocol == "batch":
+                            _batch(pool, editor, todo, done, writer, method, progress)
+                        else:
+                            _sequential(pool, editor, todo, held_out, checkpoints, batch_size, writer, method,
+                                        progress)
+                    timings = {f"{k}_s": v for k, v in pool.seconds.items()}
+                finally:
+                    pool.close()
+            finally:
+                if started:
+                    ray.shutdown()
+    finally:
+        summary = summarize(read_results(out_dir), dataset)
+        finished = finished_case_ids(out_dir)
+        summary.update(wall_seconds=time.time() - start, workers=workers, protocol=protocol, batch_size=batch_size,
+                       timings=timings, complete=all(r.case_id in finished for r in requests))
+        write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _sequential_complete(out_dir: Path, requests, held_out, batch_size, checkpoints) -> bool:
+    cps = plan_checkpoints(len(requests), batch_size, checkpoints)
+    return read_results(out_dir, ["case_id"]).num_rows == sum(c + len(held_out) for c in cps)
+
+
+def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method: str, progress: bool) -> None:
+    plan = ray.get(pool.actors[0].plan.remote())
+    solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"])
+    for b, batch in tqdm(todo, desc=f"batch {method}", unit="batch", disable=not progress, dynamic_ncols=True):
+        pre = dict(zip([r.case_id for r in batch], [s for p in pool.map("pre", "scores", batch, []) for s in p]))
+        t0 = time.perf_counter()
+        try:
+            delta = _edit(pool, editor, solver, plan, batch, [])
+        except Exception as exc:  # noqa: BLE001 - a failed batch becomes its error rows
+            for row in error_rows([r for r in batch if r.case_id not in done], exc, method=method, model=plan["model"],
+                                  batch=b):
+                writer.add(row)
+            continue
+        seconds = (time.perf_counter() - t0) / len(batch)
+        extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
+        for r, post, worker in pool.map_rows("eval", batch, [], pre, [ray.put(delta)]):
+            if r.case_id not in done:
+                writer.add({**case_row(r, post, pre[r.case_id], method=method, model=plan["model"],
+                                       checkpoint=len(batch), batch=b, seconds=seconds, extra=extra),
+                            "worker": worker})
+
+
+def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, batch_size: int, writer: PartWriter,
+                method: str, progress: bool) -> None:
+    plan = ray.get(pool.actors[0].plan.remote())
+    solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"])
+    requests = [r for _, b in todo for r in b]
+    cps = plan_checkpoints(len(requests), batch_size, checkpoints)
+    everything = [*requests, *held_out]
+    pre = dict(zip([r.case_id for r in everything], [s for p in pool.map("pre", "scores", everything, []) for s in p]))
+    state, done, seconds = [], [], {}
+    for b, batch in tqdm(todo, desc=f"sequential {method}", unit="batch", disable=not progress, dynamic_ncols=True):
+        t0 = time.perf_counter()
+        delta = _edit(pool, editor, solver, plan, batch, state)
+        state = [*state, [ray.put(delta)]]
+        if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
+            for part in pool.map("keys", "kept_keys", batch, state):
+                for layer, kkt in part.items():
+                    solver.preserve(layer, kkt)
+        seconds.update({r.case_id: (time.perf_counter() - t0) / len(batch) for r in batch})
+        done += batch
+        if len(done) not in cps:
+            continue
+        extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
+        for r, post, worker in pool.map_rows("eval", [*done, *held_out], state, pre):
+            role = "edit" if r.case_id in seconds else "held_out"
+            writer.add({**case_row(r, post, pre[r.case_id], method=method, model=plan["model"], checkpoint=len(done),
+                                   batch=b, role=role, seconds=seconds.get(r.case_id), extra=extra),
+                        "worker": worker})
+        writer.flush()

@@ -1,0 +1,153 @@
+"""The batch and sequential protocols, in one process (kedit_ray.distributed.batch runs them across Ray workers).
+
+batch       requests in batches of B (by case_id): score each case on the unedited model, edit the whole batch
+            (`editor.edit_batch`, else the requests one by one, each applied before the next is made), score
+            every case of the batch on the edited model, revert. Rows: checkpoint = the batch's size.
+sequential  batches applied one after another, never reverted (`editor.commit(lm, batch)` after each, for
+            editors that remember earlier edits). At each checkpoint T (a multiple of B; the end of the run is
+            always one) every edit made so far is scored (role "edit"), and so is a fixed held-out set of
+            unrelated cases (role "held_out"), which gives TRR (kedit_ray.eval.lifelong). Pre-edit scores are
+            those of the unedited model. Rows: checkpoint = T.
+
+Rows carry the scorer's figures, their `pre_` twins, `checkpoint`, `role`, `batch` (index), `edit_seconds`
+(the batch's edit time over its size) and the edit's `ckpt_*` figures (`edit.meta["checkpoint"]`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from tqdm.auto import tqdm
+
+from kedit_ray.eval import score
+from kedit_ray.eval.summary import summarize
+from kedit_ray.models import LM
+from kedit_ray.requests import EditRequest
+
+
+def batches(requests: list[EditRequest], size: int) -> list[list[EditRequest]]:
+    """Consecutive batches of `size`, in case_id order."""
+    if size < 1:
+        raise ValueError(f"batch size must be ≥ 1, got {size}")
+    ordered = sorted(requests, key=lambda r: r.case_id)
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def plan_checkpoints(total: int, batch_size: int, checkpoints: list[int] | None) -> list[int]:
+    """The checkpoints ≤ total (each a multiple of the batch size), plus total itself."""
+    for c in checkpoints or []:
+        if c < 1 or (c % batch_size and c < total):
+            raise ValueError(f"checkpoint {c} is not a positive multiple of the batch size {batch_size}")
+    return sorted({c for c in checkpoints or [] if c <= total} | {total})
+
+
+def apply_batch(lm: LM, editor, requests: list[EditRequest]) -> list:
+    """Edit `requests` on the model as it is and apply the edits; returns them, in the order applied."""
+    if hasattr(editor, "edit_batch"):
+        edit = editor.edit_batch(lm, requests)
+        edit.apply(lm.model)
+        return [edit]
+    edits = []
+    try:
+        for r in requests:
+            edit = editor.edit(lm, r)
+            edit.apply(lm.model)
+            edits.append(edit)
+    except BaseException:
+        revert_all(lm, edits)
+        raise
+    return edits
+
+
+def revert_all(lm: LM, edits: list) -> None:
+    for e in reversed(edits):
+        e.revert(lm.model)
+
+
+def numbers(scores: dict, prefix: str = "") -> dict:
+    """The scalar figures of a score dict (a scorer may return lists for its own later use)."""
+    return {prefix + k: v for k, v in scores.items() if v is None or isinstance(v, (int, float))}
+
+
+def checkpoint_figures(edits: list) -> dict:
+    """`ckpt_*` columns from the last edit's meta["checkpoint"]."""
+    figs = (edits[-1].meta.get("checkpoint") if edits else None) or {}
+    return {f"ckpt_{k}": float(v) for k, v in figs.items()}
+
+
+def case_row(req: EditRequest, post: dict, pre: dict, *, method: str, model: str, checkpoint: int, batch: int,
+             seconds: float | None, role: str = "edit", extra: dict | None = None) -> dict:
+    return {"case_id": req.case_id, "method": method, "model": model, **numbers(post), **numbers(pre, "pre_"),
+            "edit_seconds": seconds, "error": None, "checkpoint": checkpoint, "role": role, "batch": batch,
+            **(extra or {})}
+
+
+def error_rows(reqs: list[EditRequest], exc: BaseException, *, method: str, model: str, batch: int) -> list[dict]:
+    message = f"{type(exc).__name__}: {exc}"
+    return [{"case_id": r.case_id, "method": method, "model": model, "error": message, "batch": batch,
+             "role": "edit"} for r in reqs]
+
+
+def edit_meta(edits: list) -> dict:
+    """Per-row figures of the edit(s): layer and C label where the editor reports them."""
+    meta = edits[-1].meta if edits else {}
+    return {k: meta[k] for k in ("layer", "cov") if k in meta}
+
+
+def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, method: str,
+              dataset: str = "counterfact", progress: bool = True) -> list[dict]:
+    """The batch protocol; returns the rows. A batch whose edit raises becomes error rows; the run goes on."""
+    rows = []
+    todo = batches(requests, batch_size)
+    for b, batch in enumerate(tqdm(todo, desc=f"batch {method}", unit="batch", disable=not progress)):
+        pre = {r.case_id: score(dataset, lm, r) for r in batch}
+        t0 = time.perf_counter()
+        try:
+            edits = apply_batch(lm, editor, batch)
+        except Exception as exc:  # noqa: BLE001 - a failed batch becomes its error rows
+            rows += error_rows(batch, exc, method=method, model=lm.name, batch=b)
+            continue
+        seconds = (time.perf_counter() - t0) / len(batch)
+        try:
+            extra = {**edit_meta(edits), **checkpoint_figures(edits)}
+            for r in batch:
+                rows.append(case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method,
+                                     model=lm.name, checkpoint=len(batch), batch=b, seconds=seconds, extra=extra))
+        finally:
+            revert_all(lm, edits)
+    return rows
+
+
+def run_sequential(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
+                   held_out: list[EditRequest], method: str, dataset: str = "counterfact",
+                   progress: bool = True) -> tuple[list[dict], dict]:
+    """The sequential protocol; returns (rows, summary). The model is restored at the end."""
+    if overlap := {r.case_id for r in requests} & {r.case_id for r in held_out}:
+        raise ValueError(f"held-out cases must not be edited; both hold case_ids {sorted(overlap)[:10]}")
+    todo = batches(requests, batch_size)
+    cps = plan_checkpoints(len(requests), batch_size, checkpoints)
+    pre = {r.case_id: score(dataset, lm, r) for r in tqdm([*requests, *held_out], desc="pre-edit scores",
+                                                          disable=not progress)}
+    applied, done, seconds, rows = [], [], {}, []
+    try:
+        for b, batch in enumerate(tqdm(todo, desc=f"sequential {method}", unit="batch", disable=not progress)):
+            t0 = time.perf_counter()
+            edits = apply_batch(lm, editor, batch)
+            applied += edits
+            if hasattr(editor, "commit"):
+                editor.commit(lm, batch)
+            seconds.update({r.case_id: (time.perf_counter() - t0) / len(batch) for r in batch})
+            done += batch
+            if len(done) not in cps:
+                continue
+            extra = {**edit_meta(edits), **checkpoint_figures(edits)}
+            for role, cases in (("edit", done), ("held_out", held_out)):
+                for r in cases:
+                    rows.append(case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method,
+                                         model=lm.name, checkpoint=len(done), batch=b, role=role,
+                                         seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None,
+                                         extra=extra))
+    finally:
+        revert_all(lm, applied)
+        if hasattr(editor, "reset"):
+            editor.reset()
+    return rows, summarize(rows, dataset)

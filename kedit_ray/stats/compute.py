@@ -1,0 +1,208 @@
+"""The driver: look up the cache, resume a partial run, sum the shards (here or on Ray workers), write C.
+
+    C = E[k kᵀ] = Σ_shards Σ_tokens k kᵀ / count
+
+Shard i holds documents [i·S, (i+1)·S) of the first `samples`. After each shard the running float64 sums and
+the set of finished shards are written together, atomically, so a killed run resumes without counting a
+shard twice; the result does not depend on how many workers summed the shards.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kedit_ray.models import LM, check_layer
+from kedit_ray.stats import cache as sc
+from kedit_ray.stats import corpus as sp
+from kedit_ray.stats.accumulate import Partial, accumulate
+
+Shards = Iterator[tuple[int, list[str]]]
+RunShards = Callable[[Shards, Callable[[int, int], None]], Iterator[tuple[int, Partial]]]
+
+
+class MissingStats(FileNotFoundError):
+    """The stats file is absent and computing it was not allowed; `command` computes it."""
+
+    def __init__(self, path: Path, command: str):
+        super().__init__(f"no layer statistics at {path}; compute them with:\n  {command}")
+        self.path, self.command = path, command
+
+
+def command_line(model: str, layers: Iterable[int], module: str, corpus: str, samples: int, max_len: int,
+                 dtype: str, cache: Path) -> str:
+    """The exact `kedit stats` call that computes these stats."""
+    args = ["kedit", "stats", "--model", model, "--layers", ",".join(map(str, layers)), "--module", module,
+            "--corpus", corpus, "--samples", str(samples), "--max-len", str(max_len), "--dtype", dtype]
+    if Path(cache) != sc.default_cache():
+        args += ["--cache", str(cache)]
+    return shlex.join(args)
+
+
+def _key(lm: LM | str, module: str, corpus: str | Path, samples: int, max_len: int | None, dtype: str) -> sc.Key:
+    if module not in sc.MODULES:
+        raise ValueError(f"module must be one of {', '.join(sc.MODULES)}, not {module!r}")
+    if dtype not in sc.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(sc.DTYPES)}, not {dtype!r}")
+    fingerprint = sp.fingerprint(corpus)  # a bad corpus fails here, before any model is touched
+    max_len = _max_len(lm, max_len)
+    if samples < 1 or max_len < 1:
+        raise ValueError(f"samples and max_len must be positive (got {samples}, {max_len})")
+    name = lm if isinstance(lm, str) else lm.name
+    return sc.Key(name, module, str(corpus), fingerprint, sp.slug(corpus), samples, max_len, dtype)
+
+
+def _max_len(lm: LM | str, max_len: int | None) -> int:
+    """The default: min(model context, 1024); a model given by name is asked through its config only."""
+    if max_len is not None:
+        return max_len
+    if isinstance(lm, str):
+        from transformers import AutoConfig
+
+        from kedit_ray.models.loading import resolve
+
+        config = AutoConfig.from_pretrained(resolve(lm))
+        config = getattr(config, "text_config", None) or config
+    else:
+        config = lm.model.config
+    return min(sc.context_length(config), 1024)
+
+
+class _Progress:
+    """A bar in documents with tokens/s (of this run) beside it; Ray workers report per shard."""
+
+    def __init__(self, samples: int, done: Partial, enabled: bool):
+        self.bar = tqdm(total=samples, initial=done.docs, unit="doc", dynamic_ncols=True, disable=not enabled,
+                        desc="stats", file=sys.stderr)
+        self.t0, self.tokens, self.shard_docs, self.shard_tokens = time.perf_counter(), 0, 0, 0
+
+    def batch(self, docs: int, tokens: int) -> None:
+        self.shard_docs += docs
+        self.shard_tokens += tokens
+        self._advance(docs, tokens)
+
+    def shard(self, part: Partial) -> None:
+        self._advance(part.docs - self.shard_docs, part.count - self.shard_tokens)
+        self.shard_docs = self.shard_tokens = 0
+
+    def _advance(self, docs: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.tokens / (time.perf_counter() - self.t0):,.0f} tok/s", refresh=False)
+        self.bar.update(docs)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _compute(info: sc.ModelInfo, key: sc.Key, cache: Path, layers: list[int], shard_docs: int, progress: bool,
+             run_shards: RunShards) -> list[dict]:
+    head = sc.header(key, info, layers, shard_docs)
+    partial_path = key.partial_path(cache, layers, shard_docs)
+    total, done = sc.load_partial(partial_path, head) if partial_path.exists() else (Partial(), set())
+    resumed = len(done)
+    if resumed:
+        print(f"[kedit] resuming {partial_path}: {resumed} shards ({total.docs} documents, {total.count} tokens) "
+              f"already summed", file=sys.stderr, flush=True)
+    bar = _Progress(key.samples, total, progress)
+    todo = ((i, docs) for i, docs in sp.shards(key.corpus, key.samples, shard_docs) if i not in done)
+    for i, part in run_shards(todo, bar.batch):
+        total.add(part)
+        done.add(i)
+        sc.save_partial(partial_path, total, done, head)
+        bar.shard(part)
+    bar.close()
+    if total.count == 0:
+        raise sc.StatsError(f"corpus {key.corpus} gave no tokens in its first {key.samples} documents")
+    if total.docs < key.samples:
+        print(f"[kedit] corpus {key.corpus} has {total.docs} documents, fewer than --samples {key.samples}; "
+              f"used them all", file=sys.stderr)
+    infos = [{**sc.save(key, cache, layer, total.sums[layer], total.count, total.docs, info.fingerprint),
+              "cached": False, "resumed_shards": resumed} for layer in layers]
+    partial_path.unlink()
+    return infos
+
+
+def _cached(key: sc.Key, cache: Path, layers: list[int], lm: LM | None) -> dict[int, dict]:
+    """Checked infos of the layers whose files exist (a wrong file raises StatsError)."""
+    dims = sc.ModelInfo.of(lm).dims[key.module] if lm is not None else None
+    found = {}
+    for layer in layers:
+        path = key.path(cache, layer)
+        if path.exists():
+            fp, dim = (lm.fingerprint, dims[layer]) if lm is not None else (None, None)
+            found[layer] = {**sc.load(path, key, layer, fp, dim)[1], "cached": True}
+    return found
+
+
+def compute_stats(lm: LM | str, layers: Iterable[int], module: str = "mlp_out", corpus: str | Path = "",
+                  samples: int = 100_000, max_len: int | None = None, batch_tokens: int = 4096,
+                  dtype: str = "float32", cache: str | Path | None = None, workers: int = 1, shard_docs: int = 256,
+                  progress: bool = True, address: str | None = None) -> list[dict]:
+    """C for several layers in one pass per batch; returns one info dict (path and metadata) per layer.
+
+    `lm` is a loaded model or a name; by name, a cache hit loads nothing (the name is checked, not the weights).
+    With `workers` > 1 or a Ray `address`, StatsWorker actors (each loading the model by name) sum the shards;
+    otherwise they are summed here, without Ray."""
+    if not corpus:
+        raise ValueError("a corpus is required: a text, JSONL or Parquet file, or a directory of them")
+    layers = sorted(set(layers))
+    if not layers:
+        raise ValueError("no layers requested")
+    cache = Path(cache) if cache else sc.default_cache()
+    key = _key(lm, module, corpus, samples, max_len, dtype)
+    if not isinstance(lm, str):
+        for layer in layers:
+            check_layer(lm.model, layer)
+    found = _cached(key, cache, layers, None if isinstance(lm, str) else lm)
+    missing = [layer for layer in layers if layer not in found]
+    if missing and (workers > 1 or address):
+        from kedit_ray.distributed.stats import WorkerPool
+
+        with WorkerPool(lm, workers, address) as pool:
+            for layer in missing:
+                if not 0 <= layer < pool.info.n_layers:
+                    raise ValueError(f"layer {layer} does not exist: the model has layers 0..{pool.info.n_layers - 1}")
+            computed = _compute(pool.info, key, cache, missing, shard_docs, progress,
+                                lambda todo, _batch: pool.run(todo, missing, module, key.max_len, batch_tokens))
+    elif missing:
+        if isinstance(lm, str):
+            from kedit_ray.models import load
+
+            lm = load(lm, device_map="auto" if torch.cuda.is_available() else None)
+        for layer in missing:
+            check_layer(lm.model, layer)
+
+        def run_here(todo: Shards, on_batch: Callable[[int, int], None]) -> Iterator[tuple[int, Partial]]:
+            for i, docs in todo:
+                yield i, accumulate(lm, missing, module, docs, key.max_len, batch_tokens, on_batch)
+
+        computed = _compute(sc.ModelInfo.of(lm), key, cache, missing, shard_docs, progress, run_here)
+    else:
+        computed = []
+    found.update(zip(missing, computed))
+    return [found[layer] for layer in layers]
+
+
+def layer_stats(lm: LM, layer: int, module: str = "mlp_out", corpus: str | Path | None = None,
+                samples: int = 100_000, max_len: int | None = None, dtype: str = "float32",
+                cache: str | Path | None = None, compute: bool = True, workers: int = 1) -> tuple[torch.Tensor, dict]:
+    """C = E[k kᵀ] [d_in, d_in] on the CPU (in the stored dtype) and its info, from the cache or computed.
+
+    `corpus` is required (e.g. ../shared/data/wiki.test.raw). With compute=False a missing file raises
+    MissingStats carrying the `kedit stats` command; a file for another model, module or dim raises StatsError."""
+    if corpus is None:
+        raise ValueError("layer_stats needs a corpus (a text, JSONL or Parquet file, or a directory of them)")
+    cache = Path(cache) if cache else sc.default_cache()
+    key = _key(lm, module, corpus, samples, max_len, dtype)
+    path = key.path(cache, check_layer(lm.model, layer))
+    if not path.exists():
+        if not compute:
+            raise MissingStats(path, command_line(lm.name, [layer], module, str(corpus), samples, key.max_len,
+                                                  dtype, cache))
+        compute_stats(lm, [layer], module, corpus, samples, key.max_len, dtype=dtype, cache=cache, workers=workers)
+    return sc.load(path, key, layer, lm.fingerprint, sc.ModelInfo.of(lm).dims[module][layer])

@@ -1,0 +1,152 @@
+"""MEMIT and AlphaEdit on a tiny random Llama (the solves, Algorithm 1's spread, the null-space projection);
+MEMIT and AlphaEdit on the real Gemma 3 270M (slow)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit_ray.editors import AlphaEdit, AlphaEditParams, Memit, MemitParams
+from kedit_ray.editors.alphaedit import null_projection
+from kedit_ray.editors.memit import residual_at_subject
+from kedit_ray.editors.rome import rank_one
+from kedit_ray.eval.counterfact import target_nll
+from kedit_ray.models import weight_of
+from kedit_ray.requests import EditRequest
+
+from conftest import DATA, data_file
+
+# subject last: in a random tiny model a subject's MLP output then feeds the prediction directly (see test_rome)
+REQS = [EditRequest(1, "Space Needle", "the city of {}", "Goa", "Seattle"),
+        EditRequest(2, "Eiffel Tower", "the city of {}", "Rome", "Paris"),
+        EditRequest(3, "Danielle Darrieux", "the city of {}", "London", "Paris")]
+
+
+def spd(d: int, seed: int = 0) -> torch.Tensor:
+    a = torch.randn(d, 2 * d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return a @ a.T / a.shape[1]
+
+
+def memit(layers, lam, **kw) -> Memit:
+    return Memit(MemitParams.from_dict({"layers": layers, "mom2_update_weight": lam, "n_prefixes": 2,
+                                        "prefix_len": 4, "values": {"steps": 8}, **kw}))
+
+
+def test_memit_one_request_one_layer_is_romes_closed_form(tiny_lm):
+    """Same k*, same target residual r = z − h, same C: Δ_MEMIT = a/(λ+a) · Δ_ROME with a = k*ᵀC⁻¹k*."""
+    layer, req = 1, REQS[0]
+    c = spd(64)
+    for lam in (2.0, 1e-9):
+        m = memit([layer], lam)
+        m.use_covariances(tiny_lm, {layer: c})
+        delta = m.edit(tiny_lm, req)
+        dw = delta.deltas[tiny_lm.arch.name("mlp_out", layer)].double()
+        k = m.inputs(tiny_lm, [req], layer)[0][0].double()                              # k*
+        z, _ = m.targets(tiny_lm, [req])
+        r = (z[0] - residual_at_subject(tiny_lm, layer, [req])[0]).double()            # target residual
+        rome = rank_one(k, r, c)
+        a = k @ torch.linalg.solve(c, k)
+        torch.testing.assert_close(dw, (a / (lam + a) * rome), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dw, rome, rtol=1e-4, atol=1e-6)                        # λ → 0: ROME itself
+
+
+def test_memit_spread_reaches_z_on_every_request(tiny_lm):
+    """Algorithm 1 with λ → 0 and keys recomputed on the model edited so far: after the last layer, the residual
+    at each subject is z_i exactly (no prefixes, so k* is the bare prompt's key), and every target gains."""
+    m = memit([1, 2], 1e-7, n_prefixes=0)
+    z, _ = m.targets(tiny_lm, REQS)
+    nll0 = target_nll(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
+    delta = m.edit_batch(tiny_lm, REQS)
+    assert set(delta.deltas) == {tiny_lm.arch.name("mlp_out", 1), tiny_lm.arch.name("mlp_out", 2)}
+    assert all(n > 0 for n in delta.norms().values())                                  # both layers share R
+    with delta.applied(tiny_lm.model):
+        h = residual_at_subject(tiny_lm, 2, REQS)
+        nll = target_nll(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
+    torch.testing.assert_close(h, z, rtol=1e-3, atol=1e-3)
+    assert (nll < nll0 - 0.5).all(), (nll0, nll)
+    assert delta.meta["layers"] == [1, 2] and delta.meta["case_ids"] == [1, 2, 3]
+
+
+def test_alphaedit_leaves_protected_keys_unchanged(tiny_lm):
+    """Δ = (…) P: every key outside the null space of C (eigenvalue ≥ threshold) maps to the same output."""
+    d, layers = 64, [1, 2]
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    evals = torch.cat([torch.full((40,), 1.0), torch.full((24,), 1e-3)]).double()                 # 24-dim null space
+    c = q @ torch.diag(evals) @ q.T
+    p = null_projection(c, d, 2e-2)
+    torch.testing.assert_close(p, q[:, 40:] @ q[:, 40:].T)
+    editor = AlphaEdit(AlphaEditParams(layers=layers, n_prefixes=2, prefix_len=4))
+    editor.hp.values.steps = 8
+    editor.use_covariances(tiny_lm, {layer: c for layer in layers})
+    delta = editor.edit_batch(tiny_lm, REQS)
+    assert delta.meta["null_dims"] == {1: 24, 2: 24}
+    protected = q[:, :40]                                                              # C's large directions
+    for name, dw in delta.deltas.items():
+        dw = dw.double()
+        assert dw.norm() > 1e-3
+        assert (dw @ protected).norm() <= 1e-6 * dw.norm()                             # float32 storage precision
+    w = weight_of(tiny_lm.model.get_submodule(tiny_lm.arch.name("mlp_out", 1)))
+    with delta.applied(tiny_lm.model):
+        w_edited = w.detach().double().clone()
+    torch.testing.assert_close(w_edited @ protected, w.detach().double() @ protected, rtol=0, atol=1e-6)
+    # sequential use: the kept keys enter the next solve as K_p K_pᵀ
+    delta.apply(tiny_lm.model)
+    editor.commit(tiny_lm, REQS)
+    solver = editor.solver(tiny_lm)
+    assert all(torch.linalg.matrix_rank(solver.kp[layer]) == len(REQS) for layer in layers)
+    editor.reset()
+    assert all(solver.kp[layer].abs().sum() == 0 for layer in layers)
+
+
+def test_alphaedit_without_stats_is_unprojected(tiny_lm):
+    assert torch.equal(null_projection(None, 5, 2e-2), torch.eye(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        AlphaEdit(AlphaEditParams(layers=[1, 9])).edit_batch(tiny_lm, REQS)
+    with pytest.raises(ValueError, match="at least one request"):
+        Memit(MemitParams(layers=[1])).edit_batch(tiny_lm, [])
+
+
+def test_missing_stats_name_one_command_for_every_layer(tiny_lm, tmp_path, monkeypatch):
+    from kedit_ray.stats import MissingStats
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the city of Paris is in France\n\nthe Space Needle is in Seattle\n")
+    editor = Memit(MemitParams(layers=[1, 2], stats_corpus=str(corpus), stats_samples=2, compute_stats=False))
+    with pytest.raises(MissingStats, match="--layers 1,2 --module mlp_out"):
+        editor.edit_batch(tiny_lm, REQS[:1])
+
+
+# ------------------------------------------------------------------------------------ the real model
+
+# C from 2000 WikiText paragraphs of ≤ 256 tokens: what this CPU could afford (and the cached stats of the figures)
+STATS = {"stats_corpus": str(data_file("wiki.test.raw")) if (DATA / "wiki.test.raw").exists() else None,
+         "stats_samples": 2000, "stats_max_len": 256}
+
+
+@pytest.mark.slow
+def test_memit_100_edits_in_one_batch_on_gemma(gemma):
+    from kedit_ray.datasets import load_requests
+    from kedit_ray.eval.protocols import run_batch
+
+    cases, _ = load_requests(data_file("counterfact-edit.json"), limit=100)
+    editor = Memit(MemitParams(**STATS))
+    rows = run_batch(gemma, editor, cases, batch_size=100, method="memit")
+    es = sum(r["efficacy_score"] for r in rows) / len(rows)
+    ns = sum(r["neighborhood_score"] for r in rows) / len(rows)
+    pre_ns = sum(r["pre_neighborhood_score"] for r in rows) / len(rows)
+    print(f"MEMIT 100 in one batch: ES {es:.3f}, NS {ns:.3f} (pre {pre_ns:.3f})")
+    assert es >= 0.9
+
+
+@pytest.mark.slow
+def test_alphaedit_sequential_10_batches_of_10_on_gemma(gemma):
+    from kedit_ray.datasets import load_requests
+    from kedit_ray.eval.protocols import run_sequential
+
+    cases, _ = load_requests(data_file("counterfact-edit.json"), limit=110)
+    editor = AlphaEdit(AlphaEditParams(**STATS))
+    rows, summary = run_sequential(gemma, editor, cases[:100], batch_size=10, checkpoints=[100], held_out=cases[100:],
+                                   method="alphaedit")
+    final = summary["checkpoints"]["100"]
+    print(f"AlphaEdit 10×10 sequential: {final}")
+    assert final["efficacy_score"] >= 0.8

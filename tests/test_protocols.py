@@ -1,0 +1,183 @@
+"""Batch and sequential protocols on a tiny random Llama, the lifelong metrics, and the Ray drivers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kedit_ray.editors.toolkit import ValueParams
+from kedit_ray.editors import AlphaEdit, AlphaEditParams, Memit, MemitParams, Rome, RomeParams
+from kedit_ray.eval.lifelong import err, trr
+from kedit_ray.eval.protocols import batches, plan_checkpoints, run_batch, run_sequential
+from kedit_ray.eval.summary import summarize
+from kedit_ray.requests import EditRequest
+
+SUBJECTS = [("Space Needle", "Goa", "Seattle"), ("Eiffel Tower", "Rome", "Paris"),
+            ("Danielle Darrieux", "London", "Paris"), ("Michel Rocard", "Berlin", "Paris"),
+            ("Germany", "Goa", "Berlin"), ("Italy", "London", "Rome")]
+
+
+def cases(n: int, start: int = 0) -> list[EditRequest]:
+    return [EditRequest(start + i, s, "the city of {}", new, true, [f"Where is the city of {s}"],
+                        ["the city of Paris"], ["France"])
+            for i, (s, new, true) in enumerate(SUBJECTS[start:start + n])]
+
+
+def small(cls, params, **kw):
+    return cls(params(layers=[1, 2], n_prefixes=2, prefix_len=4, **kw))
+
+
+def state(lm) -> dict:
+    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
+def same(lm, before) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_batch_protocol_edits_batches_and_restores(tiny_lm):
+    before = state(tiny_lm)
+    editor = small(Memit, MemitParams, mom2_update_weight=1e-3)
+    editor.hp.values.steps = 10
+    rows = run_batch(tiny_lm, editor, cases(4), batch_size=2, method="memit", progress=False)
+    assert same(tiny_lm, before)
+    assert [r["case_id"] for r in rows] == [0, 1, 2, 3] and {r["checkpoint"] for r in rows} == {2}
+    assert [r["batch"] for r in rows] == [0, 0, 1, 1] and all(r["error"] is None for r in rows)
+    assert sum(r["efficacy_magnitude"] - r["pre_efficacy_magnitude"] for r in rows) > 0
+    # an editor without edit_batch edits a batch's requests one by one
+    rome = Rome(RomeParams(layer=1, n_prefixes=2, prefix_len=4, values=ValueParams(steps=4)))
+    rows = run_batch(tiny_lm, rome, cases(3), batch_size=3, method="rome", progress=False)
+    assert same(tiny_lm, before) and len(rows) == 3 and rows[0]["checkpoint"] == 3
+
+
+def test_sequential_protocol_checkpoints_err_trr(tiny_lm):
+    before = state(tiny_lm)
+    editor = small(AlphaEdit, AlphaEditParams)
+    editor.hp.values.steps = 10
+    commits = []
+    commit = editor.commit
+    editor.commit = lambda lm, reqs: (commits.append([r.case_id for r in reqs]), commit(lm, reqs))
+    rows, summary = run_sequential(tiny_lm, editor, cases(4), batch_size=2, checkpoints=[2, 4, 1000],
+                                   held_out=cases(2, start=4), method="alphaedit", progress=False)
+    assert same(tiny_lm, before) and commits == [[0, 1], [2, 3]]
+    assert all(editor.solver(tiny_lm).kp[layer].abs().sum() == 0 for layer in (1, 2))  # reset at the end
+    roles = [(r["checkpoint"], r["role"], r["case_id"]) for r in rows]
+    assert roles == [(2, "edit", 0), (2, "edit", 1), (2, "held_out", 4), (2, "held_out", 5),
+                     (4, "edit", 0), (4, "edit", 1), (4, "edit", 2), (4, "edit", 3), (4, "held_out", 4),
+                     (4, "held_out", 5)]
+    assert set(summary["checkpoints"]) == {"2", "4"}
+    last = summary["checkpoints"]["4"]
+    assert last["cases"] == 4 and last["held_out_cases"] == 2 and summary["cases"] == 4
+    assert last["ERR"] == last["efficacy_score"]
+    with pytest.raises(ValueError, match="must not be edited"):
+        run_sequential(tiny_lm, editor, cases(2), 1, None, cases(1), "alphaedit", progress=False)
+
+
+def test_lifelong_metrics_and_checkpoint_summary():
+    held = [{"pre_efficacy_score": 0.0, "efficacy_score": 0.0, "error": None},   # right before, still right
+            {"pre_efficacy_score": 0.0, "efficacy_score": 1.0, "error": None},   # right before, lost
+            {"pre_efficacy_score": 1.0, "efficacy_score": 0.0, "error": None},   # wrong before: not counted
+            {"pre_efficacy_score": 0.0, "efficacy_score": None, "error": "X"}]
+    assert trr(held) == 0.5 and trr([]) is None
+    assert err([{"efficacy_score": 1.0}, {"efficacy_score": 0.0}, {"efficacy_score": 1.0, "error": "X"}]) == 0.5
+    rows = [{"case_id": i, "checkpoint": t, "role": "edit", "efficacy_score": e, "paraphrase_score": 1.0,
+             "neighborhood_score": 1.0, "error": None, "ckpt_keys": float(t)}
+            for t, i, e in [(1, 0, 1.0), (2, 0, 0.0), (2, 1, 1.0)]]
+    rows += [{"case_id": 9, "checkpoint": t, "role": "held_out", "pre_efficacy_score": 0.0,
+              "efficacy_score": float(t == 2), "error": None} for t in (1, 2)]
+    s = summarize(rows)
+    assert s["checkpoints"]["1"]["ERR"] == 1.0 and s["checkpoints"]["1"]["TRR"] == 1.0
+    assert s["checkpoints"]["2"]["ERR"] == 0.5 and s["checkpoints"]["2"]["TRR"] == 0.0
+    assert s["checkpoints"]["2"]["ckpt_keys"] == 2.0 and s["cases"] == 2 and s["efficacy_score"] == 0.5
+    assert json.loads(json.dumps(s)) == s
+
+
+def test_batching_and_checkpoint_plans():
+    assert [[r.case_id for r in b] for b in batches(cases(5)[::-1], 2)] == [[0, 1], [2, 3], [4]]
+    assert plan_checkpoints(100, 10, [10, 100, 1000]) == [10, 100]
+    assert plan_checkpoints(25, 10, None) == [25]
+    with pytest.raises(ValueError, match="multiple of the batch size"):
+        plan_checkpoints(100, 10, [15])
+    with pytest.raises(ValueError, match="batch size"):
+        batches(cases(2), 0)
+
+
+# ------------------------------------------------------------------------------------ across Ray workers
+
+@pytest.fixture
+def tiny_dir(tiny_lm, tmp_path):
+    path = tmp_path / "tiny"
+    tiny_lm.model.save_pretrained(path)
+    tiny_lm.tok.save_pretrained(path)
+    return path
+
+
+def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path):
+    """2 Ray workers split z, keys and scoring; the driver solves. Same figures as in one process (z are
+    per-request and the steps fixed, so the shares do not change them); sequential checkpoints and TRR."""
+    import ray
+
+    from kedit_ray.distributed.batch import run_protocol_eval
+    from kedit_ray.models import load
+
+    params = {"layers": [1, 2], "n_prefixes": 2, "prefix_len": 4, "mom2_update_weight": 1e-3,
+              "values": {"steps": 6, "early_stop": False}}
+    config = {"model": str(tiny_dir), "method": "memit", "params": params, "dataset": "counterfact"}
+    lm = load(str(tiny_dir))
+    local = run_batch(lm, Memit(MemitParams.from_dict(params)), cases(4), batch_size=4, method="memit",
+                      progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    try:
+        summary = run_protocol_eval(config, cases(4), str(tmp_path / "b"), workers=2, protocol="batch",
+                                    batch_size=4, progress=False)
+        import pyarrow.dataset as ds
+
+        table = ds.dataset(str(tmp_path / "b" / "results")).to_table().to_pylist()
+        assert sorted(r["case_id"] for r in table) == [0, 1, 2, 3] and len({r["worker"] for r in table}) == 2
+        by_id = {r["case_id"]: r for r in table}
+        for r in local:
+            for k in ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude",
+                      "pre_efficacy_magnitude"):
+                assert by_id[r["case_id"]][k] == pytest.approx(r[k], abs=2e-3), k
+        assert summary["cases"] == 4 and summary["timings"]["z_s"] > 0 and summary["complete"]
+        # sequential AlphaEdit through `kedit eval`: checkpoints, held-out TRR, report, no midway resume
+        from kedit_ray.cli import main
+
+        data = tmp_path / "cases.jsonl"
+        data.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in cases(6)))
+        out = tmp_path / "s"
+        argv = ["eval", "--method", "alphaedit", "--model", str(tiny_dir), "--data", str(data), "--limit", "4",
+                "--layers", "1,2", "--v-steps", "6", "--workers", "2", "--out", str(out), "--protocol",
+                "sequential", "--batch-size", "2", "--checkpoints", "2,4", "--held-out", "2"]
+        assert main(argv) == 0
+        s = json.loads((out / "summary.json").read_text())
+        assert set(s["checkpoints"]) == {"2", "4"} and s["checkpoints"]["4"]["held_out_cases"] == 2
+        assert s["checkpoints"]["2"]["cases"] == 2 and s["TRR"] is not None and s["protocol"] == "sequential"
+        assert main(["report", str(out)]) == 0 and (out / "lifelong.png").exists()
+        sorted((out / "results").glob("part-*"))[0].unlink()
+        with pytest.raises(ValueError, match="cannot resume midway"):
+            main(argv)
+    finally:
+        ray.shutdown()
+
+
+def test_report_plots_scores_against_edits(tmp_path):
+    from kedit_ray.distributed.sink import PartWriter
+    from kedit_ray.eval.report import report
+
+    dirs = []
+    for method, drop in (("memit", 0.3), ("alphaedit", 0.1)):
+        out = tmp_path / method
+        with PartWriter(out) as w:
+            for t in (10, 100):
+                for i in range(3):
+                    w.add({"case_id": i, "method": method, "model": "m", "checkpoint": t, "role": "edit",
+                           "efficacy_score": 1.0 - drop * (t == 100), "paraphrase_score": 0.5,
+                           "neighborhood_score": 0.7, "error": None})
+                w.add({"case_id": 99, "method": method, "model": "m", "checkpoint": t, "role": "held_out",
+                       "efficacy_score": 0.0, "pre_efficacy_score": 0.0, "error": None})
+        dirs.append(str(out))
+    text = report(dirs)
+    assert "edits 100" in text and "ERR 0.700" in text and "TRR 1.000" in text
+    assert (tmp_path / "memit" / "lifelong.png").stat().st_size > 1000
