@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -235,15 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="aggregate table and pre/post chart of eval runs")
     p.add_argument("dirs", nargs="+", help="eval --out directories")
     p.add_argument("--png", default=None, help="chart path (default: DIR/report.png of the first DIR)")
-    for name, module in (("stats", "kedit_ray.stats.command"), ("trace", "kedit_ray.tracing.command")):
-        try:
-            mod = __import__(module, fromlist=["add_arguments"])
-        except ImportError:
-            continue
+    for name, module in PLUGINS.items():
+        mod = importlib.import_module(module)
         mod.add_arguments(sub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0]))
     return parser
 
 
+PLUGINS = {"stats": "kedit_ray.stats.command", "trace": "kedit_ray.tracing.command"}
 COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report}
 
 
@@ -251,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in COMMANDS:
         return COMMANDS[args.command](args)
-    module = {"stats": "kedit_ray.stats.command", "trace": "kedit_ray.tracing.command"}[args.command]
-    return __import__(module, fromlist=["run"]).run(args)
+    return importlib.import_module(PLUGINS[args.command]).run(args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Shared fixtures: a tiny random Llama with a word-level tokenizer, and the real gemma-3-270m."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+# Tests see only the layer statistics they compute themselves (Ray workers inherit this too).
+os.environ["KEDIT_STATS_CACHE"] = tempfile.mkdtemp(prefix="kedit-stats-")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = ("The Where What the of in is a city located can be found Space Needle Eiffel Tower Seattle Paris Goa Rome London "
          "mother tongue language French English speaks Danielle Darrieux Michel Rocard native speaker "
@@ -48,6 +52,15 @@ def make_tiny_lm(seed: int = 0, layers: int = 4, hidden: int = 32, inter: int = 
                       pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
     model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
     return LM(model, tok, detect_arch(model), f"tiny-llama-{seed}", fingerprint(model))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny passes run far faster so, above all on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -12,13 +12,7 @@ from kedit_ray.requests import EditRequest
 REQ = EditRequest(0, "Space Needle", "the city of {}", "Goa Rome", "Seattle")   # a two-token target
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, above all on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ft_lowers_the_target_nll_and_reverts(tiny_lm, tmp_path):

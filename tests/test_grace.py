@@ -17,13 +17,7 @@ C = EditRequest(2, "Eiffel Tower", "the city of {}", "Rome", "Paris")       # B'
 FAR = "Danielle Darrieux speaks French"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, above all on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def query(lm, text: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from kedit_ray.eval.counterfact import counterfact_scores, target_nll
 from kedit_ray.models import weight_of
 from kedit_ray.requests import EditRequest
 
-from conftest import data_file
+from conftest import WORDS as conftest_words, data_file
 
 REQ = EditRequest(0, "Space Needle", "The {} is located in the city of", "Goa", "Seattle",
                   ["The Space Needle can be found in the city of"],
@@ -86,3 +86,17 @@ def test_rome_on_gemma_demo_and_counterfact(gemma):
     for case in cases:
         with rome.edit(gemma, case).applied(gemma.model):
             assert counterfact_scores(gemma, case)["efficacy_score"] == 1.0, case.case_id
+
+
+def test_rome_uses_cached_stats_automatically(tiny_lm, tmp_path, monkeypatch):
+    from kedit_ray.stats import compute_stats
+
+    monkeypatch.setenv("KEDIT_STATS_CACHE", str(tmp_path / "stats"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(conftest_words[i:i + 12]) for i in range(0, 48, 3)))
+    params = RomeParams(layer=1, n_prefixes=1, prefix_len=3, values=ValueParams(steps=2))
+    assert Rome(params).edit(tiny_lm, TAIL).meta["cov"] == "identity"       # nothing cached yet: C = I
+    (info,) = compute_stats(tiny_lm, [1], corpus=str(corpus), samples=16, progress=False)
+    assert Rome(params).edit(tiny_lm, TAIL).meta["cov"] == info["path"]      # found without naming the corpus
+    params.use_cov = False
+    assert Rome(params).edit(tiny_lm, TAIL).meta["cov"] == "identity"       # --no-cov

@@ -23,13 +23,7 @@ TINY_FACTS = [("The Space Needle is located in the city of", "Space Needle"),
               ("The capital of France is", "France")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these passes are small, and on shared cores a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sigma(lm) -> float:

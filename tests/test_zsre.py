@@ -10,13 +10,7 @@ from kedit_ray.requests import EditRequest
 from conftest import WORDS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, above all on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argmax_after(lm, ids: list[int]) -> int:

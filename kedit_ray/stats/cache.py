@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ class StatsError(ValueError):
 
 
 def default_cache() -> Path:
-    return kedit_home() / "stats"
+    """`$KEDIT_STATS_CACHE`, else `$KEDIT_HOME/stats`."""
+    return Path(os.environ.get("KEDIT_STATS_CACHE") or kedit_home() / "stats")
 
 
 def context_length(config) -> int:
