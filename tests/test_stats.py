@@ -20,6 +20,7 @@ from kedit_ray.stats import command, corpus
 from kedit_ray.stats.accumulate import pack
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_corpus(path: Path, n_sections: int = 6, seed: int = 0) -> Path:
