@@ -36,5 +36,5 @@ def make_editor(method: str, params: dict | None = None):
     return cls(params_cls.from_dict(params or {}))
 
 
-__all__ = ["AlphaEdit", "AlphaEditParams", "Delta", "EDITORS", "Memit", "MemitParams", "Rome", "RomeParams",
-           "make_editor"]
+__all__ = ["AlphaEdit", "AlphaEditParams", "Delta", "EDITORS", "FT", "FTParams", "FTLParams", "Grace",
+           "GraceAdaptor", "GraceParams", "Memit", "MemitParams", "Rome", "RomeParams", "make_editor"]

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kedit_ray.editors.delta import Delta
-from kedit_ray.editors.toolkit import target_ids
-from kedit_ray.models import LM, Trace, check_layer, get_module, head_at, start_at_layer, weight_of
+from kedit_ray.editors.toolkit import target_ids, target_loss
+from kedit_ray.models import LM, Trace, check_layer, get_module, weight_of
 from kedit_ray.requests import EditRequest
 
 # measured on zsre_mend_train-1k.json with gemma-3-270m (see the issue note)
@@ -88,10 +88,7 @@ class FT:
         nll, steps = float("inf"), 0
         try:
             for steps in range(hp.steps + 1):            # steps: the Adam updates made so far
-                with torch.enable_grad(), start_at_layer(lm.model, lm.arch.layer, layer, cached), \
-                        head_at(lm.model, lm.arch.lm_head, rows, cols):
-                    logits = lm.model(input_ids=ids, attention_mask=mask).logits[0].float()
-                    loss = torch.nn.functional.cross_entropy(logits, tgt)
+                loss = target_loss(lm, layer, cached, ids, mask, rows, cols, tgt)
                 nll = loss.item()
                 if nll < hp.stop_nll or steps == hp.steps:
                     break

@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kedit_ray.editors.toolkit import target_ids
+from kedit_ray.editors.toolkit import target_ids, target_loss
 from kedit_ray.io import save_tensors
-from kedit_ray.models import LM, TraceDict, check_layer, get_module, head_at, start_at_layer
+from kedit_ray.models import LM, TraceDict, check_layer, get_module
 from kedit_ray.requests import EditRequest
 
 # Measured on zsre_mend_train-1k.json with gemma-3-270m (see the issue note). Gemma normalises the MLP output
@@ -271,10 +271,7 @@ class Grace:
         with adaptor.applied(lm.model):
             for steps in range(hp.steps + 1):            # steps: the Adam updates made so far
                 adaptor.values = torch.cat([fixed[:j], v[None].to(fixed.device), fixed[j + 1:]])
-                with torch.enable_grad(), start_at_layer(lm.model, lm.arch.layer, layer, cached), \
-                        head_at(lm.model, lm.arch.lm_head, rows.to(dev), cols.to(dev)):
-                    logits = lm.model(input_ids=ids, attention_mask=mask).logits[0].float()
-                    loss = torch.nn.functional.cross_entropy(logits, tgt)
+                loss = target_loss(lm, layer, cached, ids, mask, rows, cols, tgt)
                 nll = loss.item()
                 if nll < hp.stop_nll or steps == hp.steps:
                     break

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit_ray.models import LM, Trace, TraceDict, head_at, start_at_layer, weight_of
+from kedit_ray.models import LM, Trace, head_at, start_at_layer, weight_of
 from kedit_ray.requests import EditRequest
 
 ESSENCE = "{} is a"
@@ -161,6 +161,17 @@ def _log_probs(lm: LM, b: _Batch, gather: bool, cached: torch.Tensor | None, lay
     logits = logits[0] if gather else logits[rows, cols]
     lp = torch.log_softmax(logits.float(), -1)
     return lp[:len(b.loss_rows)], lp[len(b.loss_rows):]
+
+
+def target_loss(lm: LM, layer: int, cached: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                rows: torch.Tensor, cols: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the target tokens `tgt` predicted at (rows, cols), with gradients, running only the
+    blocks from `layer` up on the cached residual stream and the head only at those positions."""
+    dev = lm.device_of(lm.arch.lm_head)
+    with torch.enable_grad(), start_at_layer(lm.model, lm.arch.layer, layer, cached), \
+            head_at(lm.model, lm.arch.lm_head, rows.to(dev), cols.to(dev)):
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits[0].float()
+        return torch.nn.functional.cross_entropy(logits, tgt.to(logits.device))
 
 
 def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str], keys: torch.Tensor | None,
