@@ -5,15 +5,13 @@ its fact) at any time. The driver (kedit_ray.tracing.command) writes what comes 
 """
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Iterable, Iterator
 
 import ray
 import torch
-from ray.exceptions import RayActorError
 
 from kedit_ray.datasets import KnownFact
+from kedit_ray.distributed.pool import ActorPool
 from kedit_ray.models import load
 from kedit_ray.tracing.trace import FactTrace, TraceParams, noise_std, trace_known
 
@@ -36,25 +34,13 @@ class TraceWorker:
         return trace_known(self.lm, fact, sigma, self.params)
 
 
-class TracePool:
-    """`workers` TraceWorkers for the model `model` (a name every node can load). Uses the Ray already
-    initialised, else joins `address` (or $RAY_ADDRESS), else starts a local one on 127.0.0.1; shuts down
-    only what it started."""
+class TracePool(ActorPool):
+    """`workers` TraceWorkers for the model `model` (a name every node can load); see ActorPool for how Ray
+    is found."""
 
     def __init__(self, model: str, params: TraceParams, workers: int, address: str | None = None,
                  cpus_per_worker: float = 1, templates: dict[str, str] | None = None):
-        if workers < 1:
-            raise ValueError(f"workers must be ≥ 1, got {workers}")
-        self.started = not ray.is_initialized()
-        address = address or os.environ.get("RAY_ADDRESS")
-        if self.started and address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        elif self.started:
-            ray.init(address="local", num_cpus=max(1, int(workers * cpus_per_worker)), include_dashboard=False,
-                     logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        options = dict(num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=2, max_task_retries=2)
-        self.actors = [TraceWorker.options(**options).remote(model, params, templates) for _ in range(workers)]
+        super().__init__(TraceWorker, (model, params, templates), workers, address, cpus_per_worker, "trace")
         try:
             prints = set(ray.get([a.fingerprint.remote() for a in self.actors]))
             if len(prints) > 1:
@@ -66,32 +52,6 @@ class TracePool:
     def noise_std(self, texts: list[str]) -> float:
         return ray.get(self.actors[0].noise_std.remote(texts))
 
-    def map(self, facts: Iterable[KnownFact], sigma: float) -> Iterator[FactTrace]:
+    def traces(self, facts: Iterable[KnownFact], sigma: float) -> Iterator[FactTrace]:
         """Traces in the order they finish."""
-        todo, idle, inflight = iter(facts), list(self.actors), {}
-        while True:
-            while idle and (fact := next(todo, None)) is not None:
-                actor = idle.pop()
-                inflight[actor.trace.remote(fact, sigma)] = actor
-            if not inflight:
-                return
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            idle.append(inflight.pop(ref))
-            try:
-                yield ray.get(ref)
-            except RayActorError as e:
-                raise RuntimeError("a trace worker died for good; the facts traced so far are saved, "
-                                   "rerun the same command to resume") from e
-
-    def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-        if self.started:
-            ray.shutdown()
-
-    def __enter__(self) -> TracePool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return self.map(facts, lambda actor, fact: actor.trace.remote(fact, sigma))

@@ -76,7 +76,7 @@ class LocalTracer:
 
         return noise_std(self.lm, texts)
 
-    def map(self, facts, sigma: float):
+    def traces(self, facts, sigma: float):
         from kedit_ray.tracing.trace import trace_known
 
         return (trace_known(self.lm, f, sigma, self.params) for f in facts)
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         # σ from every prompt of the file, so that it does not depend on --limit
         sigma = 3 * tracer.noise_std([f.prompt for f in facts]) if args.noise == "auto" else args.noise
         bar = tqdm(total=len(todo), unit="fact", desc="trace", file=sys.stderr)
-        for trace in tracer.map(todo, sigma):
+        for trace in tracer.traces(todo, sigma):
             if trace.error:
                 errors[trace.fact] = trace.error
                 print(f"[kedit] fact {trace.fact}: {trace.error}", file=sys.stderr)
