@@ -15,7 +15,7 @@ revert; for an editor without edit_batch it edits a batch's requests one by one 
 Registry: EDITORS[name] = (editor class, params class with from_dict(dict)).
 """
 from kedit_ray.editors.alphaedit import AlphaEdit, AlphaEditParams
-from kedit_ray.editors.delta import Delta
+from kedit_ray.editors.delta import Delta, Edit
 from kedit_ray.editors.ft import FT, FTLParams, FTParams
 from kedit_ray.editors.grace import Grace, GraceAdaptor, GraceParams
 from kedit_ray.editors.memit import Memit, MemitParams
@@ -36,5 +36,5 @@ def make_editor(method: str, params: dict | None = None):
     return cls(params_cls.from_dict(params or {}))
 
 
-__all__ = ["AlphaEdit", "AlphaEditParams", "Delta", "EDITORS", "FT", "FTParams", "FTLParams", "Grace",
+__all__ = ["AlphaEdit", "AlphaEditParams", "Delta", "EDITORS", "Edit", "FT", "FTParams", "FTLParams", "Grace",
            "GraceAdaptor", "GraceParams", "Memit", "MemitParams", "Rome", "RomeParams", "make_editor"]

@@ -1,6 +1,7 @@
 """A weight delta: apply, revert bit for bit, save and load as safetensors."""
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 from collections.abc import Iterator
@@ -13,7 +14,25 @@ from kedit_ray.io import save_tensors
 from kedit_ray.models.hooks import get_module, weight_of
 
 
-class Delta:
+class Edit(abc.ABC):
+    """What every edit object shares: `apply(model)`, `revert(model)`, and `applied(model)` around a block."""
+
+    @abc.abstractmethod
+    def apply(self, model: nn.Module) -> Edit: ...
+
+    @abc.abstractmethod
+    def revert(self, model: nn.Module) -> None: ...
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[Edit]:
+        self.apply(model)
+        try:
+            yield self
+        finally:
+            self.revert(model)
+
+
+class Delta(Edit):
     """ΔW per module, in [out, in] orientation: W' = W + ΔW. `meta` says how it was made (JSON-able)."""
 
     def __init__(self, deltas: dict[str, torch.Tensor], meta: dict | None = None):
@@ -42,14 +61,6 @@ class Delta:
             for name, w0 in self._backup.items():
                 weight_of(get_module(model, name)).copy_(w0)
         self._backup = None
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[Delta]:
-        self.apply(model)
-        try:
-            yield self
-        finally:
-            self.revert(model)
 
     def norms(self) -> dict[str, float]:
         return {name: d.float().norm().item() for name, d in self.deltas.items()}

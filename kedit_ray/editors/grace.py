@@ -27,17 +27,16 @@ and the next `edit` continues the active codebook — sequential editing applies
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import weakref
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from kedit_ray.editors.delta import Edit
 from kedit_ray.editors.toolkit import target_ids, target_loss
 from kedit_ray.io import save_tensors
 from kedit_ray.models import LM, TraceDict, check_layer, get_module
@@ -78,7 +77,7 @@ class GraceParams:
 _STACKS: weakref.WeakKeyDictionary[nn.Module, list[GraceAdaptor]] = weakref.WeakKeyDictionary()
 
 
-class GraceAdaptor:
+class GraceAdaptor(Edit):
     """The codebook for one module: keys [N, d_in], values [N, d_out], radii [N], labels (token id lists)."""
 
     def __init__(self, module: str, keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor,
@@ -146,14 +145,6 @@ class GraceAdaptor:
         stack = _STACKS[get_module(model, self.module)]
         stack.remove(self)
         self._handle = self._model = None
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[GraceAdaptor]:
-        self.apply(model)
-        try:
-            yield self
-        finally:
-            self.revert(model)
 
     def norms(self) -> dict[str, float]:
         return {self.module: self.values.float().norm().item() if len(self) else 0.0}
