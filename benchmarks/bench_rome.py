@@ -6,6 +6,7 @@ three v* savings (cached residual stream, logits only where read, early stop) on
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -35,8 +36,11 @@ def main() -> None:
     editors = {"on": Rome(RomeParams(**cov)),
                "off": Rome(RomeParams(**cov, values=ValueParams(cache_residual=False, gather_logits=False,
                                                                 early_stop=False)))}
-    for ed in editors.values():  # warm-up: context prefixes, C, first-call overheads
-        ed.edit(lm, cases[0])
+    peak = {}
+    for mode, ed in editors.items():  # warm-up: context prefixes, C, first-call overheads; "on" first
+        with ed.edit(lm, cases[0]).applied(lm.model):
+            counterfact_scores(lm, cases[0])
+        peak[mode] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB → GiB, never falls
     rows: dict[str, list[dict]] = {k: [] for k in editors}
     for case in cases:
         for mode, ed in editors.items():  # interleaved, so machine noise hits both alike
@@ -55,6 +59,8 @@ def main() -> None:
         print(f"{mode:8} {m['edit_s']:7.2f} {m['key_s']:6.2f} {m['value_s']:7.2f} {m['solve_s']:6.3f} "
               f"{m['eval_s']:6.2f} {m['v_steps']:7.1f}")
     print(f"speed-up of the savings (median s/edit off / on): {med['off']['edit_s'] / med['on']['edit_s']:.2f}x")
+    print(f"peak memory (max RSS) after an edit and its evaluation with the savings: {peak['on']:.2f} GiB; "
+          f"without them: {peak['off']:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -34,13 +34,20 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mom2-weight", type=float, default=None, help="MEMIT/AlphaEdit: λ, the weight of C (15000)")
     g.add_argument("--nullspace-threshold", type=float, default=None,
                    help="AlphaEdit: eigenvalues of C below this span the preserved null space (2e-2)")
+    g.add_argument("--eps-init", type=float, default=None, help="GRACE: ε_init, the radius of a new key")
+    g.add_argument("--replacement", choices=["last", "all"], default=None,
+                   help="GRACE: replace the wrapped layer's output at the last prompt token or at all of them")
+    g.add_argument("--norm-constraint", type=float, default=None, help="FT-L: ε, the bound on ||ΔW||∞")
     g.add_argument("--no-cov", action="store_true", help="use C = I instead of the layer statistics")
     g.add_argument("--stats-corpus", default=None, help="corpus for C (default: any cached stats for the layer)")
     g.add_argument("--stats-samples", type=int, default=None, help="documents of the corpus for C (10000)")
     g.add_argument("--stats-max-len", type=int, default=None, help="tokens per document for C (min(context, 1024))")
     g.add_argument("--no-compute-stats", action="store_true", help="fail instead of computing missing stats")
-    g.add_argument("--v-steps", type=int, default=None, help="max gradient steps for v* (z for MEMIT)")
-    g.add_argument("--v-lr", type=float, default=None)
+    g.add_argument("--v-steps", type=int, default=None,
+                   help="max gradient steps for v* (MEMIT: z; GRACE: a codebook value; FT/FT-L: ΔW)")
+    g.add_argument("--v-lr", type=float, default=None, help="Adam's learning rate for the same")
+    g.add_argument("--v-clamp", type=float, default=None,
+                   help="bound on ||δ|| in units of ||v0|| (default: measured per model, else the paper's 4)")
 
 
 def _ints(text: str) -> list[int]:
@@ -57,7 +64,9 @@ EDITOR_OPTIONS = {"layer": ("layer", "--layer"), "layers": ("layers", "--layers"
                   "use_cov": ("no_cov", "--no-cov"), "stats_corpus": ("stats_corpus", "--stats-corpus"),
                   "stats_samples": ("stats_samples", "--stats-samples"),
                   "stats_max_len": ("stats_max_len", "--stats-max-len"),
-                  "compute_stats": ("no_compute_stats", "--no-compute-stats")}
+                  "compute_stats": ("no_compute_stats", "--no-compute-stats"),
+                  "eps_init": ("eps_init", "--eps-init"), "replacement": ("replacement", "--replacement"),
+                  "norm_constraint": ("norm_constraint", "--norm-constraint")}
 
 
 def editor_params(args: argparse.Namespace) -> dict:
@@ -77,11 +86,16 @@ def editor_params(args: argparse.Namespace) -> dict:
         if name not in have:
             sys.exit(f"kedit: {flag} does not apply to --method {args.method}")
         out[name] = value
-    values = {k: v for k, v in (("steps", args.v_steps), ("lr", args.v_lr)) if v is not None}
-    if values:
-        if "values" not in have:
-            sys.exit(f"kedit: --v-steps/--v-lr do not apply to --method {args.method}")
+    values = {k: v for k, v in (("steps", args.v_steps), ("lr", args.v_lr), ("clamp_norm", args.v_clamp))
+              if v is not None}
+    if not values:
+        return out
+    if "values" in have:                       # locate-then-edit: the v* / z optimisation
         out["values"] = values
+    elif {"steps", "lr"} <= have and "clamp_norm" not in values:   # GRACE, FT: their own gradient steps
+        out.update(values)
+    else:
+        sys.exit(f"kedit: --v-steps/--v-lr/--v-clamp do not apply to --method {args.method}")
     return out
 
 

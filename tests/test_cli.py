@@ -31,3 +31,26 @@ def test_eval_two_workers_then_report(tmp_path, capsys):
     assert "rome" in text and (out / "report.png").stat().st_size > 1000
     assert main(argv) == 0  # resume: nothing to do, nothing written twice
     assert ds.dataset(str(out / "results"), format="parquet").to_table().num_rows == 2
+
+
+def _params(*argv: str) -> dict:
+    from kedit_ray.cli import build_parser, editor_params
+
+    return editor_params(build_parser().parse_args(["eval", "--data", "x.json", "--out", "o", *argv]))
+
+
+def test_editor_options_reach_each_method():
+    import pytest
+
+    from kedit_ray.editors import make_editor
+
+    assert _params("--method", "rome", "--v-clamp", "2", "--v-lr", "0.1") == {"values": {"lr": 0.1, "clamp_norm": 2}}
+    grace = _params("--method", "grace", "--eps-init", "90", "--replacement", "all", "--v-steps", "7")
+    assert grace == {"eps_init": 90, "replacement": "all", "steps": 7}
+    hp = make_editor("grace", grace).hp
+    assert (hp.eps_init, hp.replacement, hp.steps) == (90, "all", 7)
+    assert make_editor("ft-l", _params("--method", "ft-l", "--norm-constraint", "1e-3")).hp.norm_constraint == 1e-3
+    for wrong in (["--method", "rome", "--eps-init", "1"], ["--method", "ft", "--v-clamp", "2"],
+                  ["--method", "memit", "--norm-constraint", "1"]):
+        with pytest.raises(SystemExit, match="not apply to --method"):
+            _params(*wrong)

@@ -7,17 +7,20 @@ so that W' k* = v*. C = E[k kᵀ] over a text corpus (the layer statistics), or 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from kedit_ray.editors.delta import Delta
-from kedit_ray.editors.toolkit import ValueParams, compute_keys, context_prefixes, optimize_values
+from kedit_ray.editors.toolkit import PAPER_CLAMP, ValueParams, compute_keys, context_prefixes, optimize_values
 from kedit_ray.models import LM, check_layer
 from kedit_ray.requests import EditRequest
 
-# measured on counterfact-edit.json (see the foundation issue's note)
-DEFAULT_LAYERS = {"gemma-3-270m": 4}
+# Measured on counterfact-edit.json (the foundation issue's note). Gemma's post-feedforward norm rescales the
+# MLP output, so v* can only turn its direction: with the paper's bound (4) δ sits at the bound and leaks into
+# the neighbours' keys, (C⁻¹k*)ᵀk_n, which is also smaller at layer 2 than at the traced peak, layer 4.
+DEFAULT_LAYERS = {"gemma-3-270m": 2}
+DEFAULT_CLAMP = {"gemma-3-270m": 1.0}
 
 
 @dataclass
@@ -42,6 +45,13 @@ class RomeParams:
 
 def default_layer(lm: LM) -> int:
     return DEFAULT_LAYERS.get(lm.name, lm.n_layers // 3)
+
+
+def value_params(lm: LM, hp: ValueParams) -> ValueParams:
+    """hp with the norm bound resolved: the one given, else the per-model default, else the paper's."""
+    if hp.clamp_norm is not None:
+        return hp
+    return replace(hp, clamp_norm=DEFAULT_CLAMP.get(lm.name, PAPER_CLAMP))
 
 
 def second_moment(lm: LM, layer: int, hp: RomeParams) -> tuple[torch.Tensor | None, str]:
@@ -84,7 +94,8 @@ class Rome:
         t1 = time.perf_counter()
         k = compute_keys(lm, layer, [request], prefixes)[0]                       # k*
         t2 = time.perf_counter()
-        v0, delta, info = optimize_values(lm, layer, [request], prefixes, k[None], self.hp.values)
+        values = value_params(lm, self.hp.values)
+        v0, delta, info = optimize_values(lm, layer, [request], prefixes, k[None], values)
         t3 = time.perf_counter()
         dw = rank_one(k.double(), delta[0].double(), None if c is None else c.to(k.device))
         t4 = time.perf_counter()
@@ -92,7 +103,7 @@ class Rome:
         name = lm.arch.name("mlp_out", layer)
         return Delta({name: dw.to(v0.dtype)}, {
             "method": self.name, "model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "cov": c_label,
-            "case_id": request.case_id, "params": asdict(self.hp), **info, **timings})
+            "case_id": request.case_id, "params": {**asdict(self.hp), "values": asdict(values)}, **info, **timings})
 
 
 def rank_one(k: torch.Tensor, lam_dir: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:

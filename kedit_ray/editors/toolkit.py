@@ -18,6 +18,7 @@ from kedit_ray.models import LM, Trace, head_at, start_at_layer, weight_of
 from kedit_ray.requests import EditRequest
 
 ESSENCE = "{} is a"
+PAPER_CLAMP = 4.0  # ROME's norm bound on δ, in units of ||v0||
 
 
 @dataclass
@@ -25,7 +26,7 @@ class ValueParams:
     steps: int = 25              # max gradient steps on δ
     lr: float = 0.5
     weight_decay: float = 0.5    # on ||δ|| / ||v0||²
-    clamp_norm: float = 4.0      # ||δ|| ≤ clamp_norm · ||v0||
+    clamp_norm: float | None = None  # ||δ|| ≤ clamp_norm · ||v0||; None: the editor's per-model default, else 4
     kl_factor: float = 0.0625    # essence drift weight
     stop_nll: float = 0.05       # stop once every request's target NLL is below this
     # the three savings, switchable for the benchmark
@@ -201,7 +202,7 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
 
     delta = torch.zeros(n_req, v0.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
-    max_norm = hp.clamp_norm * v0.norm(dim=-1, keepdim=True)
+    max_norm = (PAPER_CLAMP if hp.clamp_norm is None else hp.clamp_norm) * v0.norm(dim=-1, keepdim=True)
     rows, cols, req = b.edit_rows.to(device), b.edit_cols.to(device), b.edit_req.to(device)
 
     def add_delta(out, _name):
