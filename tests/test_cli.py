@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 
 import pyarrow.dataset as ds
+import pytest
 
-from kedit_ray.cli import main
+from kedit_ray.cli import build_parser, editor_params, main
+from kedit_ray.editors import make_editor
 
 from conftest import data_file
 
@@ -34,16 +36,10 @@ def test_eval_two_workers_then_report(tmp_path, capsys):
 
 
 def _params(*argv: str) -> dict:
-    from kedit_ray.cli import build_parser, editor_params
-
     return editor_params(build_parser().parse_args(["eval", "--data", "x.json", "--out", "o", *argv]))
 
 
 def test_editor_options_reach_each_method():
-    import pytest
-
-    from kedit_ray.editors import make_editor
-
     assert _params("--method", "rome", "--v-clamp", "2", "--v-lr", "0.1") == {"values": {"lr": 0.1, "clamp_norm": 2}}
     grace = _params("--method", "grace", "--eps-init", "90", "--replacement", "all", "--v-steps", "7")
     assert grace == {"eps_init": 90, "replacement": "all", "steps": 7}
