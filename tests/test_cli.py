@@ -1,4 +1,5 @@
-"""`kedit eval` end to end: 2 Ray workers on CPU, the real Gemma 3 270M, Parquet read back; `kedit report`."""
+"""`kedit eval` end to end: 2 Ray workers on CPU, the real Gemma 3 270M, Parquet read back; `kedit report`; editor
+options on the command line reach each method."""
 from __future__ import annotations
 
 import json
