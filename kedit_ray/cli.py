@@ -1,4 +1,4 @@
-"""The `kedit` command: edit, eval, report, stats, trace, demo."""
+"""The `kedit` command: edit, eval, report, stats, trace, train, demo."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,7 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replacement", choices=["last", "all"], default=None,
                    help="GRACE: replace the wrapped layer's output at the last prompt token or at all of them")
     g.add_argument("--norm-constraint", type=float, default=None, help="FT-L: ε, the bound on ||ΔW||∞")
+    g.add_argument("--editor-checkpoint", default=None, help="KE/MEND: the trained network (a `kedit train --out` DIR)")
     g.add_argument("--no-cov", action="store_true", help="use C = I instead of the layer statistics")
     g.add_argument("--stats-corpus", default=None, help="corpus for C (default: any cached stats for the layer)")
     g.add_argument("--stats-samples", type=int, default=None, help="documents of the corpus for C (10000)")
@@ -66,7 +67,8 @@ EDITOR_OPTIONS = {"layer": ("layer", "--layer"), "layers": ("layers", "--layers"
                   "stats_max_len": ("stats_max_len", "--stats-max-len"),
                   "compute_stats": ("no_compute_stats", "--no-compute-stats"),
                   "eps_init": ("eps_init", "--eps-init"), "replacement": ("replacement", "--replacement"),
-                  "norm_constraint": ("norm_constraint", "--norm-constraint")}
+                  "norm_constraint": ("norm_constraint", "--norm-constraint"),
+                  "editor_checkpoint": ("editor_checkpoint", "--editor-checkpoint")}
 
 
 def editor_params(args: argparse.Namespace) -> dict:
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PLUGINS = {"stats": "kedit_ray.stats.command", "trace": "kedit_ray.tracing.command"}
+PLUGINS = {"stats": "kedit_ray.stats.command", "trace": "kedit_ray.tracing.command", "train": "kedit_ray.train"}
 COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report}
 
 

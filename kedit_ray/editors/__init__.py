@@ -18,6 +18,9 @@ from kedit_ray.editors.alphaedit import AlphaEdit, AlphaEditParams
 from kedit_ray.editors.delta import Delta, Edit
 from kedit_ray.editors.ft import FT, FTLParams, FTParams
 from kedit_ray.editors.grace import Grace, GraceAdaptor, GraceParams
+from kedit_ray.editors.ke import KE
+from kedit_ray.editors.learned import LearnedParams
+from kedit_ray.editors.mend import MEND
 from kedit_ray.editors.memit import Memit, MemitParams
 from kedit_ray.editors.rome import Rome, RomeParams
 
@@ -27,6 +30,8 @@ EDITORS["alphaedit"] = (AlphaEdit, AlphaEditParams)
 EDITORS["grace"] = (Grace, GraceParams)
 EDITORS["ft"] = (FT, FTParams)
 EDITORS["ft-l"] = (FT, FTLParams)
+EDITORS["ke"] = (KE, LearnedParams)
+EDITORS["mend"] = (MEND, LearnedParams)
 
 
 def make_editor(method: str, params: dict | None = None):
@@ -37,4 +42,5 @@ def make_editor(method: str, params: dict | None = None):
 
 
 __all__ = ["AlphaEdit", "AlphaEditParams", "Delta", "EDITORS", "Edit", "FT", "FTParams", "FTLParams", "Grace",
-           "GraceAdaptor", "GraceParams", "Memit", "MemitParams", "Rome", "RomeParams", "make_editor"]
+           "GraceAdaptor", "GraceParams", "KE", "LearnedParams", "MEND", "Memit", "MemitParams", "Rome", "RomeParams",
+           "make_editor"]

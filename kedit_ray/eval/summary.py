@@ -4,6 +4,9 @@ Rows are those of `OUT/results/` (a pyarrow Table or a list of dicts). Means ski
 rows with an `error`. Score S is the harmonic mean of the aggregate efficacy, paraphrase and
 neighbourhood scores (ROME's S); `pre_score` is the same for the unedited model.
 
+success_rate, equivalence_accuracy and retain_accuracy (the KE paper's figures) are the shares of cases whose
+efficacy, paraphrase and neighbourhood scores are 1.
+
 Rows with a `checkpoint` (batch and sequential protocols: the number of edits applied when the row was
 measured) are also summarised per checkpoint under "checkpoints" (keys are the checkpoint as a string): the
 aggregates of the edit rows measured there, ERR and TRR (kedit_ray.eval.lifelong; TRR from the rows with role
@@ -21,6 +24,10 @@ SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 CORE = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
         "neighborhood_score", "neighborhood_magnitude")
 METRICS = CORE + tuple(f"pre_{m}" for m in CORE) + ("fluency", "pre_fluency", "consistency")
+# the KE paper's figures (De Cao et al. 2021): the share of cases whose score is perfect (zsRE: every target token
+# the argmax; locality: every O^x prediction unchanged)
+KE_FIGURES = {"success_rate": "efficacy_score", "equivalence_accuracy": "paraphrase_score",
+              "retain_accuracy": "neighborhood_score"}
 
 
 def harmonic_mean(values: Iterable[float | None]) -> float | None:
@@ -84,6 +91,9 @@ def _aggregate(cols: dict[str, list]) -> dict:
     for name in METRICS:
         if name in cols:
             out[name] = mean(ok_values(name))
+    for name, col in KE_FIGURES.items():
+        if col in cols:
+            out[name] = mean(None if v is None or math.isnan(v) else float(v == 1) for v in ok_values(col))
     out["score"] = harmonic_mean(out.get(m) for m in SCORES)
     out["pre_score"] = harmonic_mean(out.get(f"pre_{m}") for m in SCORES)
     out["seconds_per_edit"] = mean(ok_values("edit_seconds")) if "edit_seconds" in cols else None

@@ -1,0 +1,130 @@
+"""MEND (Mitchell et al., ICLR 2022): a low-rank network transforms the rank-one gradient of each token.
+
+For a linear layer W [out, in], token t's gradient is δ_t u_tᵀ (u_t its input, δ_t the gradient of its
+output). Per edited matrix a network g reads z_t = [û_t; δ̂_t] (u and δ standardised by running statistics)
+and gives (ũ_t, δ̃_t) = g(z_t); g is MEND's: layers z ← z + act(U (V z) + b), U = 0 at initialisation (the
+identity). The update is a descent step with a learned rate per matrix:
+
+    ΔW = −lr · Σ_t δ̃_t ũ_tᵀ
+
+Training loss: c_edit · L(θ'; P^x, a) + c_loc · KL(p_θ ‖ p_θ') on O^x.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kedit_ray.editors.learned import Grads, HyperNet, LearnedEditor, NetConfig, module_key
+from kedit_ray.models import LM
+
+
+@dataclass
+class MENDConfig(NetConfig):
+    rank: int = 64              # of U V
+    n_hidden: int = 1           # layers with a ReLU; one more without
+    edit_lr: float = 1e-4       # lr at initialisation
+    lr_lr: float = 1e-2         # Adam's rate for log lr
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+
+    def default_layers(self, lm: LM) -> list[int]:
+        """The last three layers."""
+        return list(range(max(0, lm.n_layers - 3), lm.n_layers))
+
+
+class LowRankResidual(nn.Module):
+    """z + act(U (V z) + b), U zero at initialisation."""
+
+    def __init__(self, dim: int, rank: int, relu: bool):
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(rank, dim) / math.sqrt(dim))
+        self.u = nn.Parameter(torch.zeros(dim, rank))
+        self.b = nn.Parameter(torch.zeros(dim))
+        self.relu = relu
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = z @ self.v.T @ self.u.T + self.b
+        return z + (torch.relu(h) if self.relu else h)
+
+
+class Standardise(nn.Module):
+    """Running mean and variance of a feature vector (Chan et al.'s merge of batch moments)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("m2", torch.zeros(dim))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """x [n, dim]: the tokens seen in one batch."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean, m2 = x.mean(0), ((x - x.mean(0)) ** 2).sum(0)
+        total = self.count + n
+        d = mean - self.mean
+        self.mean += d * n / total
+        self.m2 += m2 + d ** 2 * self.count * n / total
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count < 2:                       # nothing seen yet
+            return x
+        std = (self.m2 / (self.count - 1).clamp_min(1)).sqrt()
+        return (x - self.mean) / std.clamp_min(1e-3 * std.mean().clamp_min(1e-30))   # no 0 for a constant feature
+
+
+class GradientNet(nn.Module):
+    """g for one matrix [out, in]: standardise u and δ, the low-rank residual layers, split (ũ, δ̃)."""
+
+    def __init__(self, out_dim: int, in_dim: int, cfg: MENDConfig):
+        super().__init__()
+        self.in_dim = in_dim
+        self.norm_u, self.norm_d = Standardise(in_dim), Standardise(out_dim)
+        self.layers = nn.Sequential(*[LowRankResidual(in_dim + out_dim, cfg.rank, k < cfg.n_hidden)
+                                      for k in range(cfg.n_hidden + 1)])
+        self.log_lr = nn.Parameter(torch.tensor(math.log(cfg.edit_lr)))
+
+    def forward(self, u: torch.Tensor, d: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """u [R, T, in], δ [R, T, out], tokens [R, T] (1 where the token counts) → ΔW [R, out, in]."""
+        z = self.layers(torch.cat([self.norm_u(u), self.norm_d(d)], -1)) * tokens[..., None]
+        u_t, d_t = z[..., :self.in_dim], z[..., self.in_dim:]
+        return -self.log_lr.exp() * torch.einsum("rto,rti->roi", d_t, u_t)      # −lr Σ_t δ̃_t ũ_tᵀ
+
+
+class MENDNet(HyperNet):
+    method = "mend"
+
+    def __init__(self, cfg: MENDConfig, shapes: dict[str, tuple[int, int]], embed_dim: int):
+        super().__init__(cfg, shapes, embed_dim)
+        self.nets = nn.ModuleDict({module_key(n): GradientNet(o, i, cfg) for n, (o, i) in shapes.items()})
+
+    def forward(self, grads: Grads, cond=None, cond_mask=None) -> dict[str, torch.Tensor]:
+        return {n: self.nets[module_key(n)](grads.u[n], grads.delta[n], grads.tokens) for n in self.shapes}
+
+    def update_stats(self, grads: Grads) -> None:
+        keep = grads.tokens.bool()
+        for n in self.shapes:
+            net = self.nets[module_key(n)]
+            net.norm_u.update(grads.u[n][keep])
+            net.norm_d.update(grads.delta[n][keep])
+
+    def objective(self, terms: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        loss = cfg.c_edit * terms["nll"] + cfg.c_loc * terms["kl"]
+        lr = sum(net.log_lr.exp().item() for net in self.nets.values()) / len(self.nets)
+        return loss, {"nll": terms["nll"].item(), "kl": terms["kl"].item(), "lr": lr}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        rates = [p for n, p in self.named_parameters() if n.endswith("log_lr")]
+        rest = [p for n, p in self.named_parameters() if not n.endswith("log_lr")]
+        return [{"params": rest, "lr": lr}, {"params": rates, "lr": self.cfg.lr_lr}]
+
+
+class MEND(LearnedEditor):
+    name = "mend"

@@ -1,0 +1,210 @@
+"""KE and MEND on a tiny random Llama: the update's form, the KL term, training lowers the loss, checkpoints
+(round trip, resume, refusal), Ray Train with one worker and the CLI; on gemma-3-270m (slow) a real training run
+then an evaluation on zsRE cases it did not see."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from kedit_ray.cli import build_parser, editor_params, main
+from kedit_ray.editors import make_editor
+from kedit_ray.editors.ke import KE
+from kedit_ray.editors.learned import (LearnedParams, base_pass, build_net, build_rows, edited_pass, load_net,
+                                       save_checkpoint, step_terms)
+from kedit_ray.eval.summary import summarize
+from kedit_ray.models import get_module, weight_of
+from kedit_ray.requests import EditRequest
+from kedit_ray.train import TrainConfig, train_loop, training_requests, unrelated
+
+from conftest import data_file, make_tiny_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REQ = EditRequest(0, "Space Needle", "Where is the {} located ?", "Goa Rome", "Seattle",
+                  ["Where can the Space Needle be found ?"], ["nq question: capital of France"], ["Paris"])
+FACTS = [("Space Needle", "Seattle", "Goa", "Paris"), ("Eiffel Tower", "Paris", "Rome", "Berlin"),
+         ("Michel Rocard", "French", "English", "Rome"), ("Danielle Darrieux", "French", "Spain", "London")]
+
+
+def tiny_zsre(path):
+    recs = [{"subject": s, "src": f"Where is the {s} located ?", "pred": old,
+             "rephrase": f"Where can the {s} be found ?", "alt": new, "answers": [old],
+             "loc": f"nq question: capital of {loc}", "loc_ans": loc}
+            for s, old, new, loc in FACTS]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def config(tmp_path, method: str, steps: int, **kw) -> dict:
+    net = {"layers": [2, 3]} if method == "ke" else {}
+    return asdict(TrainConfig(method, str(tiny_zsre(tmp_path / "zsre.json")), str(tmp_path / "out"), steps=steps,
+                              lr=3e-3, save_every=2, progress=False, net=net, **kw))
+
+
+def test_ke_update_has_the_stated_form(tiny_lm, tmp_path):
+    """With α, β, γ, δ, η fixed (the last layer's bias, its weight zero),
+    ΔW = σ(η) (softmax(α)γᵀ ⊙ ∇_W L + softmax(β)δᵀ), ∇_W L taken by autograd on W itself; through a saved
+    checkpoint and the registered editor."""
+    torch.manual_seed(1)
+    net, names = build_net(tiny_lm, "ke", {"layers": [1, 3]})
+    coef = {}
+    for n in names:
+        o, i = weight_of(get_module(tiny_lm.model, n)).shape
+        coef[n] = [torch.randn(o), torch.randn(o), torch.randn(i), torch.randn(i), torch.randn(1)]
+        last = net.heads[n.replace(".", "/")][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.cat(coef[n]))
+    save_checkpoint(tmp_path, net, {"method": "ke", "model": tiny_lm.name, "fingerprint": tiny_lm.fingerprint,
+                                    "net": asdict(net.cfg), "step": 0})
+    delta = make_editor("ke", {"editor_checkpoint": str(tmp_path)}).edit(tiny_lm, REQ)
+
+    ctx = tiny_lm.tok(REQ.text).input_ids
+    y = tiny_lm.tok(" " + REQ.target_new, add_special_tokens=False).input_ids
+    for n in names:
+        w = weight_of(get_module(tiny_lm.model, n))
+        w.requires_grad_(True)
+        logits = tiny_lm.model(input_ids=torch.tensor([ctx + y[:-1]])).logits[0, len(ctx) - 1:]
+        grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, torch.tensor(y)), w)
+        w.requires_grad_(False)
+        alpha, beta, gamma, dlt, eta = coef[n]
+        a_hat, b_hat = torch.outer(alpha.softmax(0), gamma), torch.outer(beta.softmax(0), dlt)
+        expected = torch.sigmoid(eta) * (a_hat * grad + b_hat)
+        assert grad.abs().max() > 1e-4
+        torch.testing.assert_close(delta.deltas[n], expected, rtol=1e-4, atol=1e-7)
+    assert delta.meta["method"] == "ke" and delta.meta["layers"] == [1, 3]
+
+
+@pytest.mark.parametrize("method", ["ke", "mend"])
+def test_kl_term_is_zero_when_the_update_is_zero(tiny_lm, method):
+    net, names = build_net(tiny_lm, method, {})
+    rows = build_rows(tiny_lm, [REQ], [[("nq question: capital of France ?", "Paris"), ("The Eiffel Tower is", "")]])
+    first = min(net.cfg.layers)
+    grads = base_pass(tiny_lm, names, first, rows)
+    zero = {n: torch.zeros(1, *grads.grad(n).shape[1:]) for n in names}
+    terms = edited_pass(tiny_lm, first, rows, grads, zero)
+    assert len(grads.loc_lp) == 3 and abs(terms["kl"].item()) < 1e-6
+    moved = edited_pass(tiny_lm, first, rows, grads, {n: 0.1 * torch.randn_like(z) for n, z in zero.items()})
+    assert moved["kl"].item() > 1e-4
+
+
+def _mean_terms(lm, net, names, requests, stats: bool = False):
+    """Post-edit NLL on P^x and KL on O^x, averaged over the requests (no gradient step; `stats`: MEND's running
+    statistics see the requests)."""
+    out = []
+    for i in range(len(requests)):
+        rows = build_rows(lm, [requests[i]], [unrelated(requests, i, (i + 1) % len(requests), True)])
+        terms, _ = step_terms(lm, net, names, min(net.cfg.layers), rows, train=stats)
+        out.append((terms["nll"].item(), terms["kl"].item()))
+    return torch.tensor(out).mean(0).tolist()
+
+
+@pytest.mark.parametrize("method", ["ke", "mend"])
+def test_training_lowers_the_loss(tiny_lm, tmp_path, method):
+    cfg = config(tmp_path, method, steps=40)
+    requests, zsre = training_requests(TrainConfig.from_dict(cfg))
+    assert zsre and len(requests) == 4
+    torch.manual_seed(cfg["seed"])
+    net0, names = build_net(tiny_lm, method, cfg["net"])
+    nll0, kl0 = _mean_terms(tiny_lm, net0, names, requests, stats=True)
+    train_loop(cfg, lm=tiny_lm)
+    net1, _, meta = load_net(tiny_lm, cfg["out"], method)
+    nll1, kl1 = _mean_terms(tiny_lm, net1, names, requests)
+    assert meta["step"] == 40 and math.isfinite(kl1)
+    assert nll1 + kl1 < 0.7 * (nll0 + kl0), (nll0, kl0, nll1, kl1)
+
+
+def test_checkpoint_resumes_and_refuses_another_model(tiny_lm, tmp_path):
+    seen = []
+    cfg = config(tmp_path, "mend", steps=2)
+    train_loop(cfg, lm=tiny_lm, report=seen.append)
+    net, _, meta = load_net(tiny_lm, cfg["out"])
+    train_loop({**cfg, "steps": 5}, lm=tiny_lm, report=seen.append)         # resumes at step 2
+    assert [s["step"] for s in seen] == [1, 2, 3, 4, 5]
+    again, _, meta = load_net(tiny_lm, cfg["out"], "mend")
+    assert meta["step"] == 5 and meta["train_s"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="trained for 'tiny-llama-0'"):
+        load_net(make_tiny_lm(seed=1), cfg["out"])
+    with pytest.raises(ValueError, match="not 'ke'"):
+        KE(LearnedParams(cfg["out"])).edit(tiny_lm, REQ)
+    with pytest.raises(ValueError, match="another --out|not this run"):
+        train_loop({**cfg, "steps": 6, "net": {"rank": 8}}, lm=tiny_lm)
+    with pytest.raises(ValueError, match="--editor-checkpoint"):
+        make_editor("mend").edit(tiny_lm, REQ)
+    delta = make_editor("mend", {"editor_checkpoint": cfg["out"]}).edit(tiny_lm, REQ)
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    with delta.applied(tiny_lm.model):
+        pass
+    assert all(torch.equal(v, before[k]) for k, v in tiny_lm.model.state_dict().items())
+    assert sorted(delta.deltas) == [tiny_lm.arch.name("mlp_out", x) for x in (1, 2, 3)]
+
+
+def test_ray_train_one_worker_then_cli_eval(tmp_path, capsys):
+    """`kedit train` on Ray Train (1 worker, gloo), then `kedit eval --method ke --editor-checkpoint`."""
+    lm = make_tiny_lm()
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tok.save_pretrained(model_dir)
+    data = tiny_zsre(tmp_path / "zsre.json")
+    out = tmp_path / "ke"
+    assert main(["train", "--method", "ke", "--model", str(model_dir), "--data", str(data), "--steps", "3",
+                 "--holdout", "1", "--layers", "2,3", "--workers", "1", "--out", str(out)]) == 0
+    meta = json.loads((out / "editor.json").read_text())
+    assert meta["step"] == 3 and meta["workers"] == 1 and meta["train"]["holdout"] == 1
+    assert meta["net"]["layers"] == [2, 3]
+    assert (out / "ray").is_dir()
+    capsys.readouterr()
+    ev = tmp_path / "eval"
+    assert main(["eval", "--method", "ke", "--editor-checkpoint", str(out), "--model", str(model_dir), "--data",
+                 str(data), "--limit", "1", "--out", str(ev)]) == 0
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["errors"] == 0 and summary["method"] == "ke"
+    for key in ("success_rate", "retain_accuracy", "equivalence_accuracy"):
+        assert 0 <= summary[key] <= 1
+
+
+def test_cli_wiring():
+    args = build_parser().parse_args(["eval", "--method", "mend", "--editor-checkpoint", "ckpt", "--data", "x",
+                                      "--out", "o"])
+    assert editor_params(args) == {"editor_checkpoint": "ckpt"}
+    assert make_editor("mend", editor_params(args)).hp.editor_checkpoint == "ckpt"
+    with pytest.raises(SystemExit, match="not apply to --method"):
+        editor_params(build_parser().parse_args(["eval", "--method", "rome", "--editor-checkpoint", "c",
+                                                 "--data", "x", "--out", "o"]))
+    args = build_parser().parse_args(["train", "--method", "ke", "--data", "x", "--out", "o", "--layers", "9-10"])
+    assert args.layers == [9, 10] and args.workers == 1
+
+
+def test_summary_reports_the_ke_paper_figures():
+    rows = [{"case_id": i, "efficacy_score": e, "paraphrase_score": p, "neighborhood_score": n, "error": None}
+            for i, (e, p, n) in enumerate([(1.0, 1.0, 1.0), (1.0, 0.5, 1.0), (0.5, 0.0, 0.75), (1.0, 1.0, 1.0)])]
+    s = summarize(rows + [{"case_id": 9, "efficacy_score": None, "error": "boom"}])
+    assert (s["success_rate"], s["equivalence_accuracy"], s["retain_accuracy"]) == (0.75, 0.5, 0.75)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,steps", [("ke", 500), ("mend", 500)])
+def test_gemma_train_then_eval_on_unseen_zsre_cases(tmp_path, method, steps):
+    """≤ 15 min of training on zsre_mend_train-1k.json (all but the first 50 records), then the first 50 cases."""
+    from kedit_ray.datasets import load_requests
+    from kedit_ray.eval.protocols import run_batch
+    from kedit_ray.models import load
+
+    data = data_file("zsre_mend_train-1k.json")
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--data", str(data), "--steps", str(steps), "--holdout", "50",
+                 "--no-ray", "--out", str(out)]) == 0
+    cases, _ = load_requests(data, "zsre", limit=50)
+    lm = load("gemma-3-270m")
+    editor = make_editor(method, {"editor_checkpoint": str(out)})
+    s = summarize(run_batch(lm, editor, cases, 1, method, dataset="zsre", progress=False))
+    print(method, {k: s[k] for k in ("success_rate", "equivalence_accuracy", "retain_accuracy", "efficacy_score",
+                                     "paraphrase_score", "neighborhood_score", "pre_efficacy_score")})
+    assert s["errors"] == 0 and s["cases"] == 50
+    assert s["efficacy_score"] > s["pre_efficacy_score"] + 0.4
+    assert s["success_rate"] >= 0.4 and s["equivalence_accuracy"] >= 0.2 and s["retain_accuracy"] >= 0.3
