@@ -6,7 +6,8 @@
 Each worker takes its own `batch_size` requests per step (x, its paraphrases P^x, and O^x: its unrelated
 prompts with their answers plus another record's question), computes the loss terms, and the gradients of the
 network are averaged across workers (all-reduce over gloo) before every Adam step. Rank 0 shows a progress
-bar and writes OUT/editor.{safetensors,json} every `save_every` steps; a rerun with the same OUT resumes.
+bar and writes a checkpoint to OUT every `save_every` steps (editor.json names the network's and Adam's
+safetensors files); a rerun with the same OUT resumes.
 The first `holdout` records are never trained on: `kedit eval --limit N` evaluates exactly those.
 Ray Train runs this loop on several workers (kedit_ray.distributed.train); Ray is not needed here.
 """
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kedit_ray.editors.learned import (OPTIM_FILE, HyperNet, build_net, build_rows, load_tensors, read_meta,
-                                       save_checkpoint, step_terms, check_fingerprint)
+from kedit_ray.editors.learned import (HyperNet, build_net, build_rows, check_fingerprint, load_tensors, read_meta,
+                                       save_checkpoint, step_terms)
 from kedit_ray.models import LM, load
 from kedit_ray.models.loading import DEFAULT_MODEL
 from kedit_ray.requests import EditRequest
@@ -72,10 +73,11 @@ def training_requests(cfg: TrainConfig, verbose: bool = False) -> tuple[list[Edi
 
 
 def unrelated(requests: list[EditRequest], index: int, other: int, zsre: bool) -> list[tuple[str, str]]:
-    """O^x of request `index`: its own unrelated prompts with their answers, and record `other`'s question."""
+    """O^x of request `index`: its own unrelated prompts with their answers, and record `other`'s question (the
+    next record's when `other` is `index`)."""
     from kedit_ray.eval.zsre import loc_prompt
 
-    r, o = requests[index], requests[other]
+    r, o = requests[index], requests[other if other != index else (index + 1) % len(requests)]
     own = [(loc_prompt(p) if zsre else p, a) for p, a in zip(r.neighborhood_prompts, r.neighborhood_answers)]
     return own + [(o.text, o.target_true)]
 
@@ -129,8 +131,8 @@ def _resume(cfg: TrainConfig, lm: LM, net: HyperNet, opt: torch.optim.Optimizer)
     if meta["method"] != cfg.method or meta["net"] != asdict(net.cfg):
         raise ValueError(f"{where}: a {meta['method']} checkpoint with network {meta['net']}, not this run's "
                          f"{cfg.method} {asdict(net.cfg)}; use another --out")
-    net.load_state_dict(load_tensors(Path(cfg.out) / "editor.safetensors", meta["step"]))
-    load_optim(opt, load_tensors(Path(cfg.out) / OPTIM_FILE, meta["step"]))
+    net.load_state_dict(load_tensors(cfg.out, meta, "weights"))
+    load_optim(opt, load_tensors(cfg.out, meta, "optimizer"))
     return meta["step"], meta.get("train_s", 0.0)
 
 

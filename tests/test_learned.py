@@ -127,6 +127,8 @@ def test_checkpoint_resumes_and_refuses_another_model(tiny_lm, tmp_path):
     assert [s["step"] for s in seen] == [1, 2, 3, 4, 5]
     again, _, meta = load_net(tiny_lm, cfg["out"], "mend")
     assert meta["step"] == 5 and meta["train_s"] > 0
+    files = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors")
+    assert files == ["editor-000005.safetensors", "optim-000005.safetensors"]          # older steps removed
     assert any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     with pytest.raises(ValueError, match="trained for 'tiny-llama-0'"):
         load_net(make_tiny_lm(seed=1), cfg["out"])
@@ -134,6 +136,12 @@ def test_checkpoint_resumes_and_refuses_another_model(tiny_lm, tmp_path):
         KE(LearnedParams(cfg["out"])).edit(tiny_lm, REQ)
     with pytest.raises(ValueError, match="another --out|not this run"):
         train_loop({**cfg, "steps": 6, "net": {"rank": 8}}, lm=tiny_lm)
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "editor-000005.safetensors").write_bytes((tmp_path / "out" / "editor-000005.safetensors").read_bytes())
+    (stale / "editor.json").write_text(json.dumps({**meta, "step": 4}))
+    with pytest.raises(ValueError, match="written at step 5"):
+        load_net(tiny_lm, stale)
     with pytest.raises(ValueError, match="--editor-checkpoint"):
         make_editor("mend").edit(tiny_lm, REQ)
     delta = make_editor("mend", {"editor_checkpoint": cfg["out"]}).edit(tiny_lm, REQ)

@@ -52,6 +52,7 @@ def ke_update(grad: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, gamma
 
 class KENet(HyperNet):
     method = "ke"
+    conditioned = True
 
     def __init__(self, cfg: KEConfig, shapes: dict[str, tuple[int, int]], embed_dim: int):
         super().__init__(cfg, shapes, embed_dim)

@@ -24,7 +24,7 @@ from kedit_ray.io import save_tensors, write_json
 from kedit_ray.models import LM, Trace, TraceDict, get_module, head_at, start_at_layer, weight_of
 from kedit_ray.requests import EditRequest
 
-NET_FILE, META_FILE, OPTIM_FILE = "editor.safetensors", "editor.json", "optim.safetensors"
+META_FILE = "editor.json"
 
 
 # ---------------------------------------------------------------- what is edited
@@ -204,6 +204,7 @@ class HyperNet(nn.Module):
     """Maps what pass 1 saw to ΔW per edited matrix. Subclasses: KE, MEND; `cfg` is their JSON-able config."""
 
     method = ""
+    conditioned = False        # reads the edit's text ("old >> new || input") as well as the gradient
 
     def __init__(self, cfg, shapes: dict[str, tuple[int, int]], embed_dim: int):
         super().__init__()
@@ -229,7 +230,7 @@ class HyperNet(nn.Module):
         """Running statistics kept outside gradient descent (MEND's normalisation)."""
 
 
-def condition(lm: LM, rows: Rows, needed: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def conditioning(lm: LM, rows: Rows, needed: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The conditioning texts through the model's own (frozen) token embeddings: [R, T, d] and mask."""
     if not needed:
         return None, None
@@ -244,7 +245,7 @@ def step_terms(lm: LM, net: HyperNet, names: list[str], first_layer: int, rows: 
     grads = base_pass(lm, names, first_layer, rows)
     if train:
         net.update_stats(grads)
-    deltas = net(grads, *condition(lm, rows, net.method == "ke"))
+    deltas = net(grads, *conditioning(lm, rows, net.conditioned))
     terms = edited_pass(lm, first_layer, rows, grads, deltas)
     terms["nll0"] = grads.nll.mean()
     return terms, grads
@@ -254,14 +255,21 @@ def step_terms(lm: LM, net: HyperNet, names: list[str], first_layer: int, rows: 
 
 def save_checkpoint(out: str | Path, net: HyperNet, meta: dict, optim: dict[str, torch.Tensor] | None = None
                     ) -> Path:
-    """OUT/editor.safetensors (network), OUT/optim.safetensors (optimizer state), then OUT/editor.json (method,
-    model, fingerprint, configs, step): each atomic, the JSON last, and every file carries the step."""
+    """OUT/editor-STEP.safetensors (the network) and OUT/optim-STEP.safetensors (Adam's state), then OUT/editor.json
+    (method, model, fingerprint, configs, step, and those two file names), each atomic: editor.json always names a
+    complete pair. Files of other steps are removed once it does."""
     out = Path(out)
-    step = {"step": str(meta["step"])}
-    save_tensors(out / NET_FILE, net.state_dict(), step)
+    step = meta["step"]
+    files = {"weights": f"editor-{step:06d}.safetensors"}
+    save_tensors(out / files["weights"], net.state_dict(), {"step": str(step)})
     if optim is not None:
-        save_tensors(out / OPTIM_FILE, optim, step)
-    return write_json(out / META_FILE, meta)
+        files["optimizer"] = f"optim-{step:06d}.safetensors"
+        save_tensors(out / files["optimizer"], optim, {"step": str(step)})
+    path = write_json(out / META_FILE, {**meta, **files})
+    for old in [*out.glob("editor-*.safetensors"), *out.glob("optim-*.safetensors")]:
+        if old.name not in files.values():
+            old.unlink(missing_ok=True)
+    return path
 
 
 def read_meta(out: str | Path) -> dict | None:
@@ -273,7 +281,7 @@ def read_meta(out: str | Path) -> dict | None:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    for key in ("method", "model", "fingerprint", "net", "step"):
+    for key in ("method", "model", "fingerprint", "net", "step", "weights"):
         if key not in meta:
             raise ValueError(f"{path}: field {key!r} is missing; not a kedit editor checkpoint")
     return meta
@@ -285,16 +293,17 @@ def check_fingerprint(meta: dict, lm: LM, where: str | Path) -> None:
                          f"not for the loaded {lm.name!r} ({lm.fingerprint}); train one for this model")
 
 
-def load_tensors(path: Path, step: int) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors; refuses a file written at another step than editor.json says."""
+def load_tensors(out: str | Path, meta: dict, key: str) -> dict[str, torch.Tensor]:
+    """The tensors of the file editor.json names under `key` ("weights", "optimizer"), checked to be its step's."""
     from safetensors import safe_open
 
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing (the checkpoint's editor.json names step {step})")
+    path = Path(out) / meta.get(key, f"<no {key!r} in editor.json>")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (named by {Path(out) / META_FILE}, field {key!r})")
     with safe_open(str(path), framework="pt") as f:
         found = (f.metadata() or {}).get("step")
-        if found != str(step):
-            raise ValueError(f"{path}: written at step {found}, but editor.json is at step {step}")
+        if found != str(meta["step"]):
+            raise ValueError(f"{path}: written at step {found}, but {META_FILE} is at step {meta['step']}")
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
@@ -324,7 +333,7 @@ def load_net(lm: LM, out: str | Path, method: str | None = None) -> tuple[HyperN
         raise ValueError(f"{Path(out) / META_FILE}: a {meta['method']!r} checkpoint, not {method!r}")
     check_fingerprint(meta, lm, Path(out) / META_FILE)
     net, names = build_net(lm, meta["method"], meta["net"])
-    net.load_state_dict(load_tensors(Path(out) / NET_FILE, meta["step"]))
+    net.load_state_dict(load_tensors(out, meta, "weights"))
     return net.eval(), names, meta
 
 
@@ -363,7 +372,7 @@ class LearnedEditor:
         rows = build_rows(lm, [request], paraphrases=False)
         first = min(net.cfg.layers)
         grads = base_pass(lm, names, first, rows)
-        deltas = net(grads, *condition(lm, rows, net.method == "ke"))
+        deltas = net(grads, *conditioning(lm, rows, net.conditioned))
         w = {n: weight_of(get_module(lm.model, n)) for n in names}
         return Delta({n: d[0].to(w[n].device, w[n].dtype) for n, d in deltas.items()}, {
             "method": self.name, "model": lm.name, "fingerprint": lm.fingerprint, "layers": net.cfg.layers,
