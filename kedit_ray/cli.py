@@ -31,7 +31,11 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", default="rome", choices=sorted(EDITORS))
     g.add_argument("--layer", type=int, default=None, help="layer to edit (default: measured per model)")
     g.add_argument("--layers", type=_ints, default=None, help="MEMIT/AlphaEdit: layers to edit, e.g. 3,4,5,6")
-    g.add_argument("--mom2-weight", type=float, default=None, help="MEMIT/AlphaEdit: λ, the weight of C (15000)")
+    g.add_argument("--mom2-weight", type=float, default=None,
+                   help="MEMIT/AlphaEdit: λ, the weight of C (the paper: 15000; gemma-3-270m: 200)")
+    g.add_argument("--z-module", choices=["layer", "mlp_out"], default=None,
+                   help="MEMIT/AlphaEdit: z is the residual leaving the last layer (the paper) or, one layer only, "
+                        "its MLP output before any norm (ROME's v*; the default for gemma-3-270m)")
     g.add_argument("--nullspace-threshold", type=float, default=None,
                    help="AlphaEdit: eigenvalues of C below this span the preserved null space (2e-2)")
     g.add_argument("--eps-init", type=float, default=None, help="GRACE: ε_init, the radius of a new key")
@@ -61,6 +65,7 @@ def _ints(text: str) -> list[int]:
 # params field -> (argparse dest, flag); None values are left to the editor's defaults
 EDITOR_OPTIONS = {"layer": ("layer", "--layer"), "layers": ("layers", "--layers"),
                   "mom2_update_weight": ("mom2_weight", "--mom2-weight"),
+                  "z_module": ("z_module", "--z-module"),
                   "nullspace_threshold": ("nullspace_threshold", "--nullspace-threshold"),
                   "use_cov": ("no_cov", "--no-cov"), "stats_corpus": ("stats_corpus", "--stats-corpus"),
                   "stats_samples": ("stats_samples", "--stats-samples"),

@@ -47,6 +47,7 @@ def test_editor_options_reach_each_method():
     hp = make_editor("grace", grace).hp
     assert (hp.eps_init, hp.replacement, hp.steps) == (90, "all", 7)
     assert make_editor("ft-l", _params("--method", "ft-l", "--norm-constraint", "1e-3")).hp.norm_constraint == 1e-3
+    assert make_editor("memit", _params("--method", "memit", "--z-module", "layer")).hp.z_module == "layer"
     for wrong in (["--method", "rome", "--eps-init", "1"], ["--method", "ft", "--v-clamp", "2"],
                   ["--method", "memit", "--norm-constraint", "1"]):
         with pytest.raises(SystemExit, match="not apply to --method"):

@@ -2,12 +2,14 @@
 MEMIT and AlphaEdit on the real Gemma 3 270M (slow)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from kedit_ray.editors import AlphaEdit, AlphaEditParams, Memit, MemitParams
 from kedit_ray.editors.alphaedit import null_projection
-from kedit_ray.editors.memit import residual_at_subject
+from kedit_ray.editors.memit import PER_MODEL, residual_at_subject, settle
 from kedit_ray.editors.rome import rank_one
 from kedit_ray.eval.counterfact import target_nll
 from kedit_ray.models import weight_of
@@ -47,6 +49,38 @@ def test_memit_one_request_one_layer_is_romes_closed_form(tiny_lm):
         a = k @ torch.linalg.solve(c, k)
         torch.testing.assert_close(dw, (a / (lam + a) * rome), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(dw, rome, rtol=1e-4, atol=1e-6)                        # λ → 0: ROME itself
+
+
+def test_memit_z_at_mlp_out_writes_v_star(tiny_lm):
+    """z_module "mlp_out": z is ROME's v* = W k* + δ, so with λ → 0 the update is ROME's rank one and W' k* = z."""
+    layer, req, c = 1, REQS[0], spd(64)
+    m = memit([layer], 1e-9, z_module="mlp_out")
+    m.use_covariances(tiny_lm, {layer: c})
+    delta = m.edit(tiny_lm, req)
+    name = tiny_lm.arch.name("mlp_out", layer)
+    k, v0 = (t[0].double() for t in m.inputs(tiny_lm, [req], layer))                    # k*, W k*
+    z, _ = m.targets(tiny_lm, [req])
+    torch.testing.assert_close(delta.deltas[name].double(), rank_one(k, z[0].double() - v0, c), rtol=1e-4, atol=1e-6)
+    with delta.applied(tiny_lm.model):
+        torch.testing.assert_close(m.inputs(tiny_lm, [req], layer)[1][0].double(), z[0].double(), rtol=1e-4, atol=1e-4)
+    assert delta.meta["params"]["z_module"] == "mlp_out"
+
+
+def test_memit_settles_per_model_defaults(tiny_lm):
+    """What the parameters leave open comes from the model's measured defaults, else the paper's."""
+    assert settle(MemitParams(), tiny_lm).z_module == "layer"
+    hp = settle(MemitParams(), dataclasses.replace(tiny_lm, name="gemma-3-270m"))
+    assert (hp.layers, hp.z_module, hp.values.clamp_norm) == (PER_MODEL["gemma-3-270m"]["layers"], "mlp_out", 1.0)
+    hp = settle(MemitParams.from_dict({"layers": [1, 2], "z_module": "layer", "values": {"clamp_norm": 0.5}}),
+                dataclasses.replace(tiny_lm, name="gemma-3-270m"))
+    assert (hp.layers, hp.z_module, hp.values.clamp_norm) == ([1, 2], "layer", 0.5)
+    assert hp.mom2_update_weight == PER_MODEL["gemma-3-270m"]["mom2_update_weight"]
+    hp = settle(MemitParams(layers=[1, 2]), dataclasses.replace(tiny_lm, name="gemma-3-270m"))   # spread: the paper's z
+    assert (hp.z_module, hp.values.clamp_norm) == ("layer", 0.75)
+    with pytest.raises(ValueError, match="one layer"):
+        settle(MemitParams(layers=[1, 2], z_module="mlp_out"), tiny_lm)
+    with pytest.raises(ValueError, match="z_module must be"):
+        settle(MemitParams(z_module="attn"), tiny_lm)
 
 
 def test_memit_spread_reaches_z_on_every_request(tiny_lm):

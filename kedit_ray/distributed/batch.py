@@ -78,11 +78,12 @@ class BatchWorker:
             self.applied.append((ref[0].hex(), delta))
 
     def plan(self) -> dict:
-        """What the driver's solver needs: layers, module names, d_in, C and its labels."""
+        """What the driver's solver needs: layers, module names, d_in, C and its labels, λ."""
         layers = self.editor.layers(self.lm)
         covs, labels = self.editor.covariances(self.lm)
         return {"layers": layers, "names": [self.lm.arch.name("mlp_out", layer) for layer in layers],
                 "dims": self.editor.dims(self.lm), "covs": covs, "labels": labels, "model": self.lm.name,
+                "lam": self.editor.params(self.lm).mom2_update_weight,
                 "fingerprint": self.lm.fingerprint}
 
     def targets(self, requests: list[EditRequest], state: list) -> torch.Tensor:
@@ -252,7 +253,7 @@ def _sequential_complete(out_dir: Path, requests, held_out, batch_size, checkpoi
 
 def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method: str, progress: bool) -> None:
     plan = ray.get(pool.actors[0].plan.remote())
-    solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"])
+    solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
     for b, batch in tqdm(todo, desc=f"batch {method}", unit="batch", disable=not progress, dynamic_ncols=True):
         pre = dict(zip([r.case_id for r in batch], [s for p in pool.map("pre", "scores", batch, []) for s in p]))
         t0 = time.perf_counter()
@@ -275,7 +276,7 @@ def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method
 def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, batch_size: int, writer: PartWriter,
                 method: str, progress: bool) -> None:
     plan = ray.get(pool.actors[0].plan.remote())
-    solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"])
+    solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
     requests = [r for _, b in todo for r in b]
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
     everything = [*requests, *held_out]

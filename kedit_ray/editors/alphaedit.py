@@ -68,7 +68,8 @@ class AlphaEdit(Memit):
     def __init__(self, params: AlphaEditParams | None = None):
         super().__init__(params or AlphaEditParams())
 
-    def make_solver(self, dims: dict[int, int], covs: dict, labels: dict) -> AlphaEditSolver:
+    def make_solver(self, dims: dict[int, int], covs: dict, labels: dict, lam: float) -> AlphaEditSolver:
+        """λ is MEMIT's; AlphaEdit's solve has P and α in its place."""
         projections = {layer: null_projection(c, dims[layer], self.hp.nullspace_threshold) for layer, c in covs.items()}
         return AlphaEditSolver(projections, self.hp.l2, labels)
 

@@ -175,6 +175,14 @@ def target_loss(lm: LM, layer: int, cached: torch.Tensor, ids: torch.Tensor, mas
         return torch.nn.functional.cross_entropy(logits, tgt.to(logits.device))
 
 
+def mlp_out_of(lm: LM, layer: int, keys: torch.Tensor) -> torch.Tensor:
+    """W k (+ b): the MLP output projection's output for keys [n, d_in], on its device and in its dtype."""
+    mod = lm.model.get_submodule(lm.arch.name("mlp_out", layer))
+    w = weight_of(mod)
+    out = keys.to(w.device, w.dtype) @ w.T
+    return out + mod.bias if getattr(mod, "bias", None) is not None else out
+
+
 def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str], keys: torch.Tensor | None,
                     hp: ValueParams, module: str = "mlp_out") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Optimise δ (one per request, batched) added to `module`'s output at each subject's last token.
@@ -190,11 +198,7 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
         _, kl0 = _log_probs(lm, b, hp.gather_logits, None, layer)
     cached = t.input if hp.cache_residual else None
     if module == "mlp_out":
-        mod = lm.model.get_submodule(lm.arch.name("mlp_out", layer))
-        w = weight_of(mod)
-        v0 = keys.to(w.device, w.dtype) @ w.T
-        if getattr(mod, "bias", None) is not None:
-            v0 = v0 + mod.bias
+        v0 = mlp_out_of(lm, layer, keys)
     else:
         first = torch.arange(n_req) * len(prefixes)   # each request's first edit row: its first prefix
         v0 = out0.output[b.edit_rows[first].to(out0.output.device), b.edit_cols[first].to(out0.output.device)]
