@@ -12,6 +12,9 @@ class InvalidRecord(ValueError):
         self.source, self.index, self.field, self.reason = source, index, field_name, reason
         super().__init__(f"{source}: record {index}: field {field_name!r}: {reason}")
 
+    def __reduce__(self):   # rebuilt from its four fields when it crosses processes (Ray workers)
+        return type(self), (self.source, self.index, self.field, self.reason)
+
 
 @dataclass
 class EditRequest:
