@@ -20,8 +20,8 @@ from kedit_ray.editors.ft import FT, FTLParams, FTParams
 from kedit_ray.editors.grace import Grace, GraceAdaptor, GraceParams
 from kedit_ray.editors.ke import KE
 from kedit_ray.editors.learned import LearnedParams
-from kedit_ray.editors.mend import MEND
 from kedit_ray.editors.memit import Memit, MemitParams
+from kedit_ray.editors.mend import MEND
 from kedit_ray.editors.rome import Rome, RomeParams
 
 EDITORS = {"rome": (Rome, RomeParams)}
