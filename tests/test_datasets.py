@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 
 import pytest
 
@@ -27,7 +26,8 @@ def raises(path, index: int, field: str, **kw) -> InvalidRecord:
     e = info.value
     assert (e.source, e.index, e.field) == (str(path), index, field)
     assert str(path) in str(e) and f"record {index}" in str(e) and repr(field) in str(e)
-    copy = pickle.loads(pickle.dumps(e))                    # how Ray carries it back from a worker
+    cls, args = e.__reduce__()                              # how Ray rebuilds it from a worker
+    copy = cls(*args)
     assert (type(copy), str(copy), copy.field) == (InvalidRecord, str(e), field)
     return e
 
