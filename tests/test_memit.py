@@ -79,6 +79,8 @@ def test_memit_settles_per_model_defaults(tiny_lm):
     assert (hp.z_module, hp.values.clamp_norm) == ("layer", 0.75)
     with pytest.raises(ValueError, match="one layer"):
         settle(MemitParams(layers=[1, 2], z_module="mlp_out"), tiny_lm)
+    with pytest.raises(ValueError, match="at least one layer"):
+        settle(MemitParams(layers=[]), tiny_lm)
     with pytest.raises(ValueError, match="z_module must be"):
         settle(MemitParams(z_module="attn"), tiny_lm)
 

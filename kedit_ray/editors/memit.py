@@ -85,9 +85,11 @@ def settle(hp: MemitParams, lm: LM) -> MemitParams:
         fill["layers"] = list(range(first, min(first + 4, lm.n_layers)))
     if len(hp.layers or fill["layers"]) > 1 and hp.z_module is None:   # spread: the paper's z and bound
         fill.update(z_module="layer", clamp_norm=PAPER["clamp_norm"])
-    out = replace(hp, **{k: fill[k] for k in ("layers", "mom2_update_weight", "z_module") if not getattr(hp, k)})
+    out = replace(hp, **{k: fill[k] for k in ("layers", "mom2_update_weight", "z_module") if getattr(hp, k) is None})
     if out.values.clamp_norm is None:
         out.values = replace(out.values, clamp_norm=fill["clamp_norm"])
+    if not out.layers:
+        raise ValueError("MEMIT needs at least one layer")
     if out.z_module not in ("layer", "mlp_out"):
         raise ValueError(f"z_module must be 'layer' or 'mlp_out', got {out.z_module!r}")
     if out.z_module == "mlp_out" and len(out.layers) != 1:
