@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
+from kedit_ray.editors import rome
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.rome import second_moment
 from kedit_ray.editors.toolkit import ValueParams, compute_keys, context_prefixes, mlp_out_of, optimize_values, \
@@ -44,7 +45,8 @@ from kedit_ray.stats import MissingStats
 PAPER = {"mom2_update_weight": 15000.0, "z_module": "layer", "clamp_norm": 0.75}   # GPT-J's settings
 # measured on counterfact-edit.json (see the module docstring): ROME's layer and bound, v* as z, λ by a sweep
 # (25 cases in one batch, ES/PS/NS: λ 15000 0.36/0.36/0.80, 2000 0.80/0.60/0.76, 200 1.00/0.88/0.76, 20 1.00/0.88/0.72)
-PER_MODEL = {"gemma-3-270m": {"layers": [2], "z_module": "mlp_out", "clamp_norm": 1.0, "mom2_update_weight": 200.0}}
+PER_MODEL = {"gemma-3-270m": {"layers": [rome.DEFAULT_LAYERS["gemma-3-270m"]], "z_module": "mlp_out",
+                              "clamp_norm": rome.DEFAULT_CLAMP["gemma-3-270m"], "mom2_update_weight": 200.0}}
 
 
 @dataclass
