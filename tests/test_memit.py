@@ -11,6 +11,7 @@ from kedit_ray.editors import AlphaEdit, AlphaEditParams, Memit, MemitParams
 from kedit_ray.editors.alphaedit import null_projection
 from kedit_ray.editors.memit import PER_MODEL, residual_at_subject, settle
 from kedit_ray.editors.rome import rank_one
+from kedit_ray.editors.toolkit import ValueParams, compute_keys, context_prefixes, optimize_values
 from kedit_ray.eval.counterfact import target_nll
 from kedit_ray.models import weight_of
 from kedit_ray.requests import EditRequest
@@ -31,6 +32,21 @@ def spd(d: int, seed: int = 0) -> torch.Tensor:
 def memit(layers, lam, **kw) -> Memit:
     return Memit(MemitParams.from_dict({"layers": layers, "mom2_update_weight": lam, "n_prefixes": 2,
                                         "prefix_len": 4, "values": {"steps": 8}, **kw}))
+
+
+def test_batched_z_stops_each_request_where_it_would_stop_alone(tiny_lm):
+    """Each request of a batch leaves the optimisation once its own NLL is low enough, with the δ it gets alone."""
+    reqs = [REQS[0], EditRequest(4, "Eiffel Tower", "a view of the {}", "Rome", "Paris"),
+            EditRequest(5, "Louvre", "the {}", "Berlin", "Paris")]
+    layer, prefixes, hp = 1, context_prefixes(tiny_lm, 2, 4), ValueParams(steps=25, stop_nll=2.0)
+    k = compute_keys(tiny_lm, layer, reqs, prefixes)
+    _, delta, info = optimize_values(tiny_lm, layer, reqs, prefixes, k, hp)
+    alone = [optimize_values(tiny_lm, layer, [r], prefixes, k[i:i + 1], hp) for i, r in enumerate(reqs)]
+    assert len({a[2]["v_steps"] for a in alone}) == len(reqs)          # they do stop at different steps
+    assert info["v_steps"] == max(a[2]["v_steps"] for a in alone) < hp.steps
+    for i, (_, d, a) in enumerate(alone):
+        torch.testing.assert_close(delta[i], d[0], rtol=1e-5, atol=1e-4)
+        assert info["v_nll"][i] == pytest.approx(a["v_nll"][0], rel=1e-5) and a["v_nll"][0] < hp.stop_nll
 
 
 def test_memit_one_request_one_layer_is_romes_closed_form(tiny_lm):

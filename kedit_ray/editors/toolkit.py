@@ -28,11 +28,11 @@ class ValueParams:
     weight_decay: float = 0.5    # on ||δ|| / ||v0||²
     clamp_norm: float | None = None  # ||δ|| ≤ clamp_norm · ||v0||; None: the editor's per-model default, else 4
     kl_factor: float = 0.0625    # essence drift weight
-    stop_nll: float = 0.05       # stop once every request's target NLL is below this
+    stop_nll: float = 0.05       # a request stops (its δ is final) once its target NLL is below this
     # the three savings, switchable for the benchmark
     cache_residual: bool = True  # run only layers ≥ the edited one, from the cached residual stream
     gather_logits: bool = True   # vocabulary logits only where the loss reads them
-    early_stop: bool = True
+    early_stop: bool = True      # per request: a batch runs only the rows of the requests still training
 
 
 # ---------------------------------------------------------------- tokenisation helpers
@@ -120,10 +120,23 @@ class _Batch:
     loss_req: torch.Tensor
     kl_rows: torch.Tensor        # (row, position) of each essence prompt's next-token distribution
     kl_cols: torch.Tensor
+    row_req: torch.Tensor        # each row's request
+
+    def only(self, keep: torch.Tensor) -> tuple[_Batch, torch.Tensor]:
+        """The rows of the requests where `keep` [n_req] is true, trimmed to their longest row, and which rows of
+        this batch they are. Request indices stay those of the whole batch."""
+        rows = keep[self.row_req].nonzero()[:, 0]
+        new = torch.full_like(self.row_req, -1)
+        new[rows] = torch.arange(len(rows))
+        width = int(self.mask[rows].sum(1).max())
+        e, loss, kl = keep[self.edit_req], keep[self.loss_req], keep[self.row_req[self.kl_rows]]
+        return _Batch(self.ids[rows, :width], self.mask[rows, :width], new[self.edit_rows[e]], self.edit_cols[e],
+                      self.edit_req[e], new[self.loss_rows[loss]], self.loss_cols[loss], self.loss_tok[loss],
+                      self.loss_req[loss], new[self.kl_rows[kl]], self.kl_cols[kl], self.row_req[rows]), rows
 
 
 def _value_batch(lm: LM, requests: list[EditRequest], prefixes: list[str]) -> _Batch:
-    rows, edit, loss, kl = [], [], [], []
+    rows, edit, loss, kl, row_req = [], [], [], [], []
     for q, r in enumerate(requests):
         tgt = target_ids(lm, r.target_new)
         for p in prefixes:
@@ -131,18 +144,20 @@ def _value_batch(lm: LM, requests: list[EditRequest], prefixes: list[str]) -> _B
             ctx = lm.tok(text).input_ids
             i = len(rows)
             rows.append(ctx + tgt[:-1])
+            row_req.append(q)
             edit.append((i, subject_last_index(lm, text, r.subject), q))
             loss += [(i, len(ctx) - 1 + j, t, q) for j, t in enumerate(tgt)]
     for q, r in enumerate(requests):
         text = ESSENCE.format(r.subject)
         i = len(rows)
         rows.append(lm.tok(text).input_ids)
+        row_req.append(q)
         edit.append((i, subject_last_index(lm, text, r.subject), q))
         kl.append((i, len(rows[-1]) - 1))
     ids, mask = pad(rows, lm.tok.pad_token_id, lm.input_device)
     t = lambda xs, j: torch.tensor([x[j] for x in xs])  # noqa: E731
     return _Batch(ids, mask, t(edit, 0), t(edit, 1), t(edit, 2), t(loss, 0), t(loss, 1), t(loss, 2), t(loss, 3),
-                  t(kl, 0), t(kl, 1))
+                  t(kl, 0), t(kl, 1), torch.tensor(row_req))
 
 
 def _log_probs(lm: LM, b: _Batch, gather: bool, cached: torch.Tensor | None, layer: int,
@@ -209,31 +224,44 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
     max_norm = (PAPER_CLAMP if hp.clamp_norm is None else hp.clamp_norm) * v0.norm(dim=-1, keepdim=True)
     rows, cols, req = b.edit_rows.to(device), b.edit_cols.to(device), b.edit_req.to(device)
 
+    live = torch.ones(n_req, dtype=torch.bool)   # requests still training; the others' δ is final
+    part, rows_of = b, None
+
     def add_delta(out, _name):
         h = out[0] if isinstance(out, tuple) else out
-        h = h.index_put((rows, cols), delta[req].to(h.dtype), accumulate=True)
+        h = h.index_put((part.edit_rows.to(device), part.edit_cols.to(device)), delta[part.edit_req.to(device)]
+                        .to(h.dtype), accumulate=True)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     nll = torch.full((n_req,), float("inf"))
     steps = 0
     for steps in range(1, hp.steps + 1):
         with torch.enable_grad():
-            lp, kl_lp = _log_probs(lm, b, hp.gather_logits, cached, layer, add_delta, module)
-            tok_nll = -lp.gather(1, b.loss_tok.to(lp.device)[:, None])[:, 0]
+            start = None if cached is None else cached if rows_of is None else \
+                cached[rows_of.to(cached.device), :part.ids.shape[1]]
+            lp, kl_lp = _log_probs(lm, part, hp.gather_logits, start, layer, add_delta, module)
+            tok_nll = -lp.gather(1, part.loss_tok.to(lp.device)[:, None])[:, 0]
             # mean NLL per request: average over its tokens (all its prompts share the target length)
-            per_req = torch.zeros(n_req, device=lp.device).index_add(0, b.loss_req.to(lp.device), tok_nll)
-            per_req = per_req / torch.bincount(b.loss_req, minlength=n_req).to(lp.device)
-            kl = torch.nn.functional.kl_div(kl_lp, kl0, log_target=True, reduction="none").sum(-1)
+            loss_req = part.loss_req.to(lp.device)
+            per_req = torch.zeros(n_req, device=lp.device).index_add(0, loss_req, tok_nll)
+            per_req = per_req / torch.bincount(part.loss_req, minlength=n_req).clamp_min(1).to(lp.device)
+            kl_req = part.row_req[part.kl_rows].to(lp.device)
+            kl = torch.nn.functional.kl_div(kl_lp, kl0[kl_req], log_target=True, reduction="none").sum(-1)
             decay = delta.norm(dim=-1) / v0.norm(dim=-1) ** 2
-            loss = (per_req + hp.kl_factor * kl + hp.weight_decay * decay).sum()
-        nll = per_req.detach().cpu()
-        if hp.early_stop and nll.max() < hp.stop_nll:
-            break
-        if steps == hp.steps:
+            total = per_req + hp.weight_decay * decay
+            total = total.index_add(0, kl_req, hp.kl_factor * kl)
+        nll[live] = per_req.detach().cpu()[live]
+        if hp.early_stop:
+            live &= nll >= hp.stop_nll
+        if not live.any() or steps == hp.steps:
             break
         opt.zero_grad()
-        loss.backward()
+        total[live.to(device)].sum().backward()
+        final = delta.detach()[~live.to(device)].clone()
         opt.step()
-        with torch.no_grad():  # the paper's norm bound
+        with torch.no_grad():  # the paper's norm bound; finished requests keep their δ (Adam's momentum would not)
             delta.mul_(torch.clamp(max_norm / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12), max=1.0))
+            delta[~live.to(device)] = final
+        if hp.early_stop and not live.all():
+            part, rows_of = b.only(live)
     return v0.detach(), delta.detach(), {"v_steps": steps, "v_nll": nll.tolist()}
