@@ -116,14 +116,18 @@ class BatchWorker:
                 delta.revert(self.lm.model)
 
     def run_protocol(self, protocol: str, requests: list, batch_size: int, checkpoints, held_out: list,
-                     method: str) -> list[dict]:
-        """The whole in-process protocol here (editors that cannot be split over workers)."""
+                     method: str, progress: bool = False) -> list[dict]:
+        """The whole in-process protocol here (editors that cannot be split over workers), its progress bars
+        drawn on the driver."""
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
         self._sync([])
+        bar = ray_tqdm if progress else False
         if protocol == "batch":
-            rows = run_batch(self.lm, self.editor, requests, batch_size, method, self.dataset, progress=False)
+            rows = run_batch(self.lm, self.editor, requests, batch_size, method, self.dataset, progress=bar)
         else:
             rows = run_sequential(self.lm, self.editor, requests, batch_size, checkpoints, held_out, method,
-                                  self.dataset, progress=False)[0]
+                                  self.dataset, progress=bar)[0]
         return [{**r, "worker": self.name} for r in rows]
 
 
@@ -222,7 +226,7 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
                         if not distributable(editor):
                             rows = ray.get(pool.actors[0].run_protocol.remote(
                                 protocol, [r for _, b in todo for r in b], batch_size, checkpoints, list(held_out),
-                                method))
+                                method, progress))
                             for row in rows:
                                 if protocol == "sequential" or row["case_id"] not in done:
                                     writer.add(row)

@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
+
 from tqdm.auto import tqdm
 
 from kedit_ray.eval import score
 from kedit_ray.eval.summary import summarize
 from kedit_ray.models import LM
 from kedit_ray.requests import EditRequest
+
+
+def bar(items: Iterable, desc: str, unit: str, progress: bool | Callable) -> Iterable:
+    """`items` under a progress bar: tqdm's, none (progress False), or `progress` itself, a tqdm-like class
+    (a Ray actor passes Ray's, which draws on the driver)."""
+    if callable(progress):
+        return progress(items, desc=desc, unit=unit)
+    return tqdm(items, desc=desc, unit=unit, disable=not progress)
 
 
 def batches(requests: list[EditRequest], size: int) -> list[list[EditRequest]]:
@@ -94,11 +104,11 @@ def edit_meta(edits: list) -> dict:
 
 
 def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, method: str,
-              dataset: str = "counterfact", progress: bool = True) -> list[dict]:
+              dataset: str = "counterfact", progress: bool | Callable = True) -> list[dict]:
     """The batch protocol; returns the rows. A batch whose edit raises becomes error rows; the run goes on."""
     rows = []
     todo = batches(requests, batch_size)
-    for b, batch in enumerate(tqdm(todo, desc=f"batch {method}", unit="batch", disable=not progress)):
+    for b, batch in enumerate(bar(todo, f"batch {method}", "batch", progress)):
         pre = {r.case_id: score(dataset, lm, r) for r in batch}
         t0 = time.perf_counter()
         try:
@@ -119,17 +129,16 @@ def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, meth
 
 def run_sequential(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
                    held_out: list[EditRequest], method: str, dataset: str = "counterfact",
-                   progress: bool = True) -> tuple[list[dict], dict]:
+                   progress: bool | Callable = True) -> tuple[list[dict], dict]:
     """The sequential protocol; returns (rows, summary). The model is restored at the end."""
     if overlap := {r.case_id for r in requests} & {r.case_id for r in held_out}:
         raise ValueError(f"held-out cases must not be edited; both hold case_ids {sorted(overlap)[:10]}")
     todo = batches(requests, batch_size)
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
-    pre = {r.case_id: score(dataset, lm, r) for r in tqdm([*requests, *held_out], desc="pre-edit scores",
-                                                          disable=not progress)}
+    pre = {r.case_id: score(dataset, lm, r) for r in bar([*requests, *held_out], "pre-edit scores", "case", progress)}
     applied, done, seconds, rows = [], [], {}, []
     try:
-        for b, batch in enumerate(tqdm(todo, desc=f"sequential {method}", unit="batch", disable=not progress)):
+        for b, batch in enumerate(bar(todo, f"sequential {method}", "batch", progress)):
             t0 = time.perf_counter()
             edits = apply_batch(lm, editor, batch)
             applied += edits
