@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kedit_ray.editors.toolkit import ValueParams
 from kedit_ray.editors import AlphaEdit, AlphaEditParams, Memit, MemitParams, Rome, RomeParams
+from kedit_ray.editors.toolkit import ValueParams
 from kedit_ray.eval.lifelong import err, trr
 from kedit_ray.eval.protocols import batches, plan_checkpoints, run_batch, run_sequential
 from kedit_ray.eval.summary import summarize
@@ -158,6 +159,14 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path):
         sorted((out / "results").glob("part-*"))[0].unlink()
         with pytest.raises(ValueError, match="cannot resume midway"):
             main(argv)
+        # an editor that runs whole on one worker (ROME) streams its rows, one part per checkpoint
+        out = tmp_path / "rome"
+        assert main(["eval", "--method", "rome", "--model", str(tiny_dir), "--data", str(data), "--limit", "4",
+                     "--layer", "1", "--no-cov", "--v-steps", "4", "--out", str(out), "--protocol", "sequential",
+                     "--batch-size", "1", "--checkpoints", "2", "--held-out", "2"]) == 0
+        parts = [pq.read_table(p).to_pylist() for p in (out / "results").glob("part-*")]
+        assert sorted(len(p) for p in parts) == [2 + 2, 4 + 2]
+        assert {r["checkpoint"] for p in parts for r in p if len(p) == 4} == {2}
     finally:
         ray.shutdown()
 

@@ -16,8 +16,10 @@ edit so far and the held-out cases are scored, split over the workers.
 
 Other editors (ROME, GRACE, FT, ...) run the in-process protocol (kedit_ray.eval.protocols) on one worker.
 
-Resume: the batch protocol skips the cases that have rows (a batch is re-edited if some of its cases are
-missing, and only those are written); a sequential run cannot resume midway (the edited model is not saved).
+Rows are written as each batch (batch protocol) or checkpoint (sequential) finishes. Resume: the batch protocol
+skips the cases that have rows (a batch is re-edited if some of its cases are missing, and only those are
+written); a sequential run cannot resume midway (the edited model is not saved), but keeps the checkpoints it
+finished.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -36,8 +39,8 @@ from kedit_ray.distributed.sink import PartWriter, check_config, finished_case_i
 from kedit_ray.editors import Delta, make_editor
 from kedit_ray.editors.memit import spread
 from kedit_ray.eval import scorer_name
-from kedit_ray.eval.protocols import (batches, case_row, checkpoint_figures, edit_meta, error_rows, plan_checkpoints,
-                                      run_batch, run_sequential)
+from kedit_ray.eval.protocols import (batch_rows, batches, case_row, checkpoint_figures, edit_meta, error_rows,
+                                      plan_checkpoints, sequential_rows)
 from kedit_ray.eval.summary import summarize
 from kedit_ray.io import write_json
 from kedit_ray.requests import EditRequest
@@ -116,19 +119,20 @@ class BatchWorker:
                 delta.revert(self.lm.model)
 
     def run_protocol(self, protocol: str, requests: list, batch_size: int, checkpoints, held_out: list,
-                     method: str, progress: bool = False) -> list[dict]:
-        """The whole in-process protocol here (editors that cannot be split over workers), its progress bars
-        drawn on the driver."""
+                     method: str, progress: bool = False) -> Iterator[list[dict]]:
+        """The whole in-process protocol here (editors that cannot be split over workers), streamed to the
+        driver a batch (batch protocol) or a checkpoint (sequential) at a time; progress bars drawn there."""
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
         self._sync([])
         bar = ray_tqdm if progress else False
         if protocol == "batch":
-            rows = run_batch(self.lm, self.editor, requests, batch_size, method, self.dataset, progress=bar)
+            parts = batch_rows(self.lm, self.editor, requests, batch_size, method, self.dataset, progress=bar)
         else:
-            rows = run_sequential(self.lm, self.editor, requests, batch_size, checkpoints, held_out, method,
-                                  self.dataset, progress=bar)[0]
-        return [{**r, "worker": self.name} for r in rows]
+            parts = sequential_rows(self.lm, self.editor, requests, batch_size, checkpoints, held_out, method,
+                                    self.dataset, progress=bar)
+        for rows in parts:
+            yield [{**r, "worker": self.name} for r in rows]
 
 
 def shares(items: list, n: int) -> list[list]:
@@ -224,12 +228,13 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
                     with PartWriter(out_dir) as writer:
                         editor = make_editor(method, config.get("params"))
                         if not distributable(editor):
-                            rows = ray.get(pool.actors[0].run_protocol.remote(
-                                protocol, [r for _, b in todo for r in b], batch_size, checkpoints, list(held_out),
-                                method, progress))
-                            for row in rows:
-                                if protocol == "sequential" or row["case_id"] not in done:
-                                    writer.add(row)
+                            for ref in pool.actors[0].run_protocol.remote(
+                                    protocol, [r for _, b in todo for r in b], batch_size, checkpoints,
+                                    list(held_out), method, progress):
+                                for row in ray.get(ref):
+                                    if protocol == "sequential" or row["case_id"] not in done:
+                                        writer.add(row)
+                                writer.flush()
                         elif protocol == "batch":
                             _batch(pool, editor, todo, done, writer, method, progress)
                         else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -103,40 +103,45 @@ def edit_meta(edits: list) -> dict:
     return {k: meta[k] for k in ("layer", "cov") if k in meta}
 
 
-def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, method: str,
-              dataset: str = "counterfact", progress: bool | Callable = True) -> list[dict]:
-    """The batch protocol; returns the rows. A batch whose edit raises becomes error rows; the run goes on."""
-    rows = []
-    todo = batches(requests, batch_size)
-    for b, batch in enumerate(bar(todo, f"batch {method}", "batch", progress)):
+def batch_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, method: str,
+               dataset: str = "counterfact", progress: bool | Callable = True) -> Iterator[list[dict]]:
+    """The batch protocol, one batch's rows at a time. A batch whose edit raises becomes error rows; the run
+    goes on."""
+    for b, batch in enumerate(bar(batches(requests, batch_size), f"batch {method}", "batch", progress)):
         pre = {r.case_id: score(dataset, lm, r) for r in batch}
         t0 = time.perf_counter()
         try:
             edits = apply_batch(lm, editor, batch)
         except Exception as exc:  # noqa: BLE001 - a failed batch becomes its error rows
-            rows += error_rows(batch, exc, method=method, model=lm.name, batch=b)
+            yield error_rows(batch, exc, method=method, model=lm.name, batch=b)
             continue
         seconds = (time.perf_counter() - t0) / len(batch)
         try:
             extra = {**edit_meta(edits), **checkpoint_figures(edits)}
-            for r in batch:
-                rows.append(case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method,
-                                     model=lm.name, checkpoint=len(batch), batch=b, seconds=seconds, extra=extra))
+            rows = [case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
+                             checkpoint=len(batch), batch=b, seconds=seconds, extra=extra) for r in batch]
         finally:
             revert_all(lm, edits)
-    return rows
+        yield rows
 
 
-def run_sequential(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
-                   held_out: list[EditRequest], method: str, dataset: str = "counterfact",
-                   progress: bool | Callable = True) -> tuple[list[dict], dict]:
-    """The sequential protocol; returns (rows, summary). The model is restored at the end."""
+def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, method: str,
+              dataset: str = "counterfact", progress: bool | Callable = True) -> list[dict]:
+    """The batch protocol; returns the rows."""
+    return [r for rows in batch_rows(lm, editor, requests, batch_size, method, dataset, progress) for r in rows]
+
+
+def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
+                    held_out: list[EditRequest], method: str, dataset: str = "counterfact",
+                    progress: bool | Callable = True) -> Iterator[list[dict]]:
+    """The sequential protocol, one checkpoint's rows at a time. The model is restored at the end (or when the
+    generator is closed early)."""
     if overlap := {r.case_id for r in requests} & {r.case_id for r in held_out}:
         raise ValueError(f"held-out cases must not be edited; both hold case_ids {sorted(overlap)[:10]}")
     todo = batches(requests, batch_size)
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
     pre = {r.case_id: score(dataset, lm, r) for r in bar([*requests, *held_out], "pre-edit scores", "case", progress)}
-    applied, done, seconds, rows = [], [], {}, []
+    applied, done, seconds = [], [], {}
     try:
         for b, batch in enumerate(bar(todo, f"sequential {method}", "batch", progress)):
             t0 = time.perf_counter()
@@ -149,14 +154,20 @@ def run_sequential(lm: LM, editor, requests: list[EditRequest], batch_size: int,
             if len(done) not in cps:
                 continue
             extra = {**edit_meta(edits), **checkpoint_figures(edits)}
-            for role, cases in (("edit", done), ("held_out", held_out)):
-                for r in cases:
-                    rows.append(case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method,
-                                         model=lm.name, checkpoint=len(done), batch=b, role=role,
-                                         seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None,
-                                         extra=extra))
+            yield [case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
+                            checkpoint=len(done), batch=b, role=role,
+                            seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None, extra=extra)
+                   for role, cases in (("edit", done), ("held_out", held_out)) for r in cases]
     finally:
         revert_all(lm, applied)
         if hasattr(editor, "reset"):
             editor.reset()
+
+
+def run_sequential(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
+                   held_out: list[EditRequest], method: str, dataset: str = "counterfact",
+                   progress: bool | Callable = True) -> tuple[list[dict], dict]:
+    """The sequential protocol; returns (rows, summary). The model is restored at the end."""
+    rows = [r for part in sequential_rows(lm, editor, requests, batch_size, checkpoints, held_out, method, dataset,
+                                          progress) for r in part]
     return rows, summarize(rows, dataset)
