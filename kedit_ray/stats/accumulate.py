@@ -31,13 +31,15 @@ class Partial:
 
 
 def gram(k: torch.Tensor) -> torch.Tensor:
-    """kᵀk in float64 for k [n, d]. On CPU numpy's `a.T @ a` calls BLAS syrk: half a GEMM's flops,
-    twice torch's float64 matmul."""
-    k = k.to(torch.float64).contiguous()
+    """kᵀk for the keys of one packed batch, k [n, d]: products summed in float32 over the batch's n tokens
+    (at most `batch_tokens`), returned in float64 for the running sums, which are float64. Relative Frobenius
+    error against all-float64 on gemma-3-270m's keys: 1e-7 (the stats issue's note). On the CPU numpy's
+    `a.T @ a` calls BLAS ssyrk: half a GEMM's flops, and twice float64's speed."""
+    k = k.to(torch.float32).contiguous()
     if k.device.type != "cpu":
-        return k.T @ k
+        return (k.T @ k).double()
     a = k.numpy()
-    return torch.from_numpy(a.T @ a)
+    return torch.from_numpy(a.T @ a).double()
 
 
 def tokenize(tok, docs: list[str], max_len: int) -> list[list[int]]:
