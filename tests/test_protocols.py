@@ -185,8 +185,13 @@ def test_report_plots_scores_against_edits(tmp_path):
                            "efficacy_score": 1.0 - drop * (t == 100), "paraphrase_score": 0.5,
                            "neighborhood_score": 0.7, "error": None})
                 w.add({"case_id": 99, "method": method, "model": "m", "checkpoint": t, "role": "held_out",
-                       "efficacy_score": 0.0, "pre_efficacy_score": 0.0, "error": None})
+                       "efficacy_score": 0.0, "pre_efficacy_score": 0.0, "error": None,
+                       **({"ckpt_codebook_keys": t // 10} if method == "alphaedit" else {})})
         dirs.append(str(out))
     text = report(dirs)
-    assert "edits 100" in text and "ERR 0.700" in text and "TRR 1.000" in text
+    rows = {tuple(line.split()[1:3]): line.split()[3:] for line in text.splitlines() if line.startswith(str(tmp_path))}
+    # TRR, ERR, Avg, #keys, ES, PS, NS, S
+    assert rows[("memit", "100")][:5] == ["1.000", "0.700", "0.850", "-", "0.700"]
+    assert rows[("alphaedit", "10")][:4] == ["1.000", "1.000", "1.000", "1"]
+    assert rows[("alphaedit", "100")][:4] == ["1.000", "0.900", "0.950", "10"]
     assert (tmp_path / "memit" / "lifelong.png").stat().st_size > 1000

@@ -63,12 +63,18 @@ def plot(summaries: dict[str, dict], png: str | Path) -> Path:
 
 
 def checkpoint_table(summaries: dict[str, dict]) -> str:
-    lines = []
+    """Per run and checkpoint, in the layout of the GRACE paper's table: TRR, ERR, their average, #keys (GRACE's
+    codebook; "-" for the others), then ES / PS / NS / S of the edits so far."""
+    head = ["run", "method", "edits", "TRR", "ERR", "Avg", "#keys"] + [c for c, _ in COLUMNS]
+    lines = [head]
     for run, s in summaries.items():
         for t, c in sorted(s.get("checkpoints", {}).items(), key=lambda kv: int(kv[0])):
-            lines.append(f"{run}  {s.get('method')}  edits {t}: " + "  ".join(
-                f"{name} {_fmt(c.get(key))}" for name, key in [*COLUMNS, ("ERR", "ERR"), ("TRR", "TRR")]))
-    return "\n".join(lines)
+            both = None if c.get("TRR") is None or c.get("ERR") is None else (c["TRR"] + c["ERR"]) / 2
+            keys = c.get("ckpt_codebook_keys")
+            lines.append([run, str(s.get("method")), t, _fmt(c.get("TRR")), _fmt(c.get("ERR")), _fmt(both),
+                          "-" if keys is None else f"{keys:.0f}"] + [_fmt(c.get(key)) for _, key in COLUMNS])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
 
 
 def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
