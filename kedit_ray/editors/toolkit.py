@@ -222,8 +222,6 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
     delta = torch.zeros(n_req, v0.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = (PAPER_CLAMP if hp.clamp_norm is None else hp.clamp_norm) * v0.norm(dim=-1, keepdim=True)
-    rows, cols, req = b.edit_rows.to(device), b.edit_cols.to(device), b.edit_req.to(device)
-
     live = torch.ones(n_req, dtype=torch.bool)   # requests still training; the others' δ is final
     part, rows_of = b, None
 
@@ -256,7 +254,7 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
         if not live.any() or steps == hp.steps:
             break
         opt.zero_grad()
-        total[live.to(device)].sum().backward()
+        total[live.to(total.device)].sum().backward()
         final = delta.detach()[~live.to(device)].clone()
         opt.step()
         with torch.no_grad():  # the paper's norm bound; finished requests keep their δ (Adam's momentum would not)
