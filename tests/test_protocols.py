@@ -142,6 +142,19 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path):
                       "pre_efficacy_magnitude"):
                 assert by_id[r["case_id"]][k] == pytest.approx(r[k], abs=2e-3), k
         assert summary["cases"] == 4 and summary["timings"]["z_s"] > 0 and summary["complete"]
+        # cut short after z: the rerun reads the targets back, computes none, and writes the same rows
+        z_files = sorted((tmp_path / "b" / "z").glob("z-*.safetensors"))
+        assert len(z_files) == 1                                   # one round: 2 workers × z_batch 25 ≥ 4
+        for f in (tmp_path / "b" / "results").glob("part-*"):
+            f.unlink()
+        again = run_protocol_eval(config, cases(4), str(tmp_path / "b"), workers=2, protocol="batch",
+                                  batch_size=4, progress=False)
+        assert "z_s" not in again["timings"] and again["complete"]
+        assert again["efficacy_magnitude"] == pytest.approx(summary["efficacy_magnitude"], abs=1e-6)
+        z_files[0].write_bytes(b"not safetensors")
+        with pytest.raises(ValueError, match="z-0-3.safetensors"):
+            run_protocol_eval(config, cases(4), str(tmp_path / "b"), workers=2, protocol="batch", batch_size=4,
+                              progress=False)
         # sequential AlphaEdit through `kedit eval`: checkpoints, held-out TRR, report, no midway resume
         from kedit_ray.cli import main
 

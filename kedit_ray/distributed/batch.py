@@ -18,11 +18,13 @@ Other editors (ROME, GRACE, FT, ...) run the in-process protocol (kedit_ray.eval
 
 Rows are written as each batch (batch protocol) or checkpoint (sequential) finishes. Resume: the batch protocol
 skips the cases that have rows (a batch is re-edited if some of its cases are missing, and only those are
-written); a sequential run cannot resume midway (the edited model is not saved), but keeps the checkpoints it
-finished.
+written) and reads back from OUT/z/ the z a cut-short batch had computed (z depend only on the model and the
+request there); a sequential run cannot resume midway (the edited model is not saved), but keeps the
+checkpoints it finished.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -42,7 +44,7 @@ from kedit_ray.eval import scorer_name
 from kedit_ray.eval.protocols import (batch_rows, batches, case_row, checkpoint_figures, edit_meta, error_rows,
                                       plan_checkpoints, sequential_rows)
 from kedit_ray.eval.summary import summarize
-from kedit_ray.io import write_json
+from kedit_ray.io import save_tensors, write_json
 from kedit_ray.requests import EditRequest
 
 
@@ -86,7 +88,7 @@ class BatchWorker:
         covs, labels = self.editor.covariances(self.lm)
         return {"layers": layers, "names": [self.lm.arch.name("mlp_out", layer) for layer in layers],
                 "dims": self.editor.dims(self.lm), "covs": covs, "labels": labels, "model": self.lm.name,
-                "lam": self.editor.params(self.lm).mom2_update_weight,
+                "lam": self.editor.params(self.lm).mom2_update_weight, "z_batch": self.editor.params(self.lm).z_batch,
                 "fingerprint": self.lm.fingerprint}
 
     def targets(self, requests: list[EditRequest], state: list) -> torch.Tensor:
@@ -173,10 +175,50 @@ class Pool:
             ray.kill(a, no_restart=True)
 
 
-def _edit(pool: Pool, editor, solver, plan: dict, batch: list[EditRequest], state: list) -> Delta:
-    """One MEMIT-family edit of `batch` on the model with `state` applied, z and keys computed by the workers."""
+def _read_targets(store: Path) -> dict[int, torch.Tensor]:
+    """case_id → z from the files `_targets` wrote."""
+    from safetensors import safe_open
+
+    have = {}
+    for f in sorted(store.glob("z-*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as g:
+                ids, z = json.loads(g.metadata()["case_ids"]), g.get_tensor("z")
+        except Exception as exc:  # noqa: BLE001 - name the file
+            raise ValueError(f"{f}: not a z file this run wrote ({exc}); delete it to recompute its targets") from exc
+        if len(ids) != len(z):
+            raise ValueError(f"{f}: {len(ids)} case_ids for {len(z)} targets; delete it to recompute them")
+        have.update(zip(ids, z))
+    return have
+
+
+def _targets(pool: Pool, batch: list[EditRequest], state: list, per_worker: int, store: Path | None,
+             progress: bool) -> torch.Tensor:
+    """z for `batch`, in rounds of `per_worker` requests on each worker. With `store` (the batch protocol, where z
+    depends only on the model and the request) each round's z is saved there at once and a rerun reads them
+    back, so a long batch resumes within its z."""
+    have = _read_targets(store) if store else {}
+    todo = [r for r in batch if r.case_id not in have]
+    size = per_worker * len(pool.actors)
+    rounds = range(0, len(todo), size)
+    if store and have:
+        print(f"resuming: {len(batch) - len(todo)} of {len(batch)} targets z already in {store}")
+    for s in tqdm(rounds, desc="z", unit="round", disable=not progress or len(rounds) < 2, dynamic_ncols=True):
+        part = todo[s:s + size]
+        z = torch.cat(pool.map("z", "targets", part, state))
+        ids = [r.case_id for r in part]
+        if store:
+            save_tensors(store / f"z-{ids[0]}-{ids[-1]}.safetensors", {"z": z}, {"case_ids": json.dumps(ids)})
+        have.update(zip(ids, z))
+    return torch.stack([have[r.case_id] for r in batch])
+
+
+def _edit(pool: Pool, editor, solver, plan: dict, batch: list[EditRequest], state: list,
+          store: Path | None = None, progress: bool = False) -> Delta:
+    """One MEMIT-family edit of `batch` on the model with `state` applied, z and keys computed by the workers
+    (z saved to and read back from `store` if given)."""
     t0 = time.perf_counter()
-    z = torch.cat(pool.map("z", "targets", batch, state))
+    z = _targets(pool, batch, state, plan["z_batch"], store, progress)
 
     def inputs(layer: int, deltas: dict) -> tuple[torch.Tensor, torch.Tensor]:
         partial = [ray.put(deltas)]
@@ -209,6 +251,7 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
     method = config["method"]
     done = finished_case_ids(out_dir)
     if protocol == "batch":
+        _read_targets(out_dir / "z")   # a bad z file fails here, before Ray starts
         todo = [(i, b) for i, b in enumerate(batches(requests, batch_size)) if any(r.case_id not in done for r in b)]
     else:
         plan_checkpoints(len(requests), batch_size, checkpoints)   # bad checkpoints fail before Ray starts
@@ -236,7 +279,7 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
                                         writer.add(row)
                                 writer.flush()
                         elif protocol == "batch":
-                            _batch(pool, editor, todo, done, writer, method, progress)
+                            _batch(pool, editor, todo, done, writer, method, progress, out_dir / "z")
                         else:
                             _sequential(pool, editor, todo, held_out, checkpoints, batch_size, writer, method,
                                         progress)
@@ -260,14 +303,15 @@ def _sequential_complete(out_dir: Path, requests, held_out, batch_size, checkpoi
     return read_results(out_dir, ["case_id"]).num_rows == sum(c + len(held_out) for c in cps)
 
 
-def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method: str, progress: bool) -> None:
+def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method: str, progress: bool,
+           store: Path) -> None:
     plan = ray.get(pool.actors[0].plan.remote())
     solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
     for b, batch in tqdm(todo, desc=f"batch {method}", unit="batch", disable=not progress, dynamic_ncols=True):
         pre = dict(zip([r.case_id for r in batch], [s for p in pool.map("pre", "scores", batch, []) for s in p]))
         t0 = time.perf_counter()
         try:
-            delta = _edit(pool, editor, solver, plan, batch, [])
+            delta = _edit(pool, editor, solver, plan, batch, [], store, progress)
         except Exception as exc:  # noqa: BLE001 - a failed batch becomes its error rows
             for row in error_rows([r for r in batch if r.case_id not in done], exc, method=method, model=plan["model"],
                                   batch=b):
