@@ -169,8 +169,22 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path):
         assert set(s["checkpoints"]) == {"2", "4"} and s["checkpoints"]["4"]["held_out_cases"] == 2
         assert s["checkpoints"]["2"]["cases"] == 2 and s["TRR"] is not None and s["protocol"] == "sequential"
         assert main(["report", str(out)]) == 0 and (out / "lifelong.png").exists()
-        sorted((out / "results").glob("part-*"))[0].unlink()
-        with pytest.raises(ValueError, match="cannot resume midway"):
+        # cut short: rows lost, deltas kept; the rerun applies the saved deltas again (and AlphaEdit's kept keys)
+        # and scores the missing rows on the model as it was at their checkpoint
+        assert sorted(p.name for p in (out / "deltas").iterdir()) == ["batch-00000.safetensors",
+                                                                      "batch-00001.safetensors"]
+        rows = lambda: sorted((r["case_id"], r["checkpoint"], r["efficacy_magnitude"])  # noqa: E731
+                              for p in (out / "results").glob("part-*") for r in pq.read_table(p).to_pylist())
+        before = rows()
+        for p in (out / "results").glob("part-*"):
+            p.unlink()
+        (out / "deltas" / "batch-00001.safetensors").unlink()
+        assert main(argv) == 0
+        assert [r[:2] for r in rows()] == [r[:2] for r in before]
+        for got, want in zip(rows(), before):   # checkpoint 2: the saved delta; 4: batch 1 edited again
+            assert got[2] == pytest.approx(want[2], abs=1e-6 if got[1] == 2 else 2e-3), (got, want)
+        (out / "deltas" / "batch-00000.safetensors").write_bytes(b"junk")
+        with pytest.raises(ValueError, match="batch-00000.safetensors"):
             main(argv)
         # an editor that runs whole on one worker (ROME) streams its rows, one part per checkpoint
         out = tmp_path / "rome"
@@ -180,6 +194,11 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path):
         parts = [pq.read_table(p).to_pylist() for p in (out / "results").glob("part-*")]
         assert sorted(len(p) for p in parts) == [2 + 2, 4 + 2]
         assert {r["checkpoint"] for p in parts for r in p if len(p) == 4} == {2}
+        min((out / "results").glob("part-*"), key=lambda p: p.stat().st_size).unlink()
+        with pytest.raises(ValueError, match="cannot resume midway"):
+            main(["eval", "--method", "rome", "--model", str(tiny_dir), "--data", str(data), "--limit", "4",
+                  "--layer", "1", "--no-cov", "--v-steps", "4", "--out", str(out), "--protocol", "sequential",
+                  "--batch-size", "1", "--checkpoints", "2", "--held-out", "2"])
     finally:
         ray.shutdown()
 

@@ -19,8 +19,9 @@ Other editors (ROME, GRACE, FT, ...) run the in-process protocol (kedit_ray.eval
 Rows are written as each batch (batch protocol) or checkpoint (sequential) finishes. Resume: the batch protocol
 skips the cases that have rows (a batch is re-edited if some of its cases are missing, and only those are
 written) and reads back from OUT/z/ the z a cut-short batch had computed (z depend only on the model and the
-request there); a sequential run cannot resume midway (the edited model is not saved), but keeps the
-checkpoints it finished.
+request there). A sequential MEMIT/AlphaEdit run saves each batch's delta to OUT/deltas/ and resumes after the
+last one saved; one run whole on a worker (the other editors) cannot resume midway, but keeps the checkpoints
+it finished.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ class BatchWorker:
         self.editor = make_editor(config["method"], config.get("params"))
         self.dataset = scorer_name(config.get("dataset"))
         self.applied: list[tuple[str, Delta]] = []     # (object ref id, delta), in the order applied
+        if hasattr(self.editor, "prefixes"):   # the context prefixes come from the unedited model, as in one process
+            self.editor.prefixes(self.lm)
 
     def ready(self) -> str:
         return self.name
@@ -250,15 +253,18 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
     dataset = scorer_name(config.get("dataset"))
     method = config["method"]
     done = finished_case_ids(out_dir)
+    editor = make_editor(method, config.get("params"))
     if protocol == "batch":
         _read_targets(out_dir / "z")   # a bad z file fails here, before Ray starts
         todo = [(i, b) for i, b in enumerate(batches(requests, batch_size)) if any(r.case_id not in done for r in b)]
     else:
         plan_checkpoints(len(requests), batch_size, checkpoints)   # bad checkpoints fail before Ray starts
-        if done and not _sequential_complete(out_dir, requests, held_out, batch_size, checkpoints):
-            raise ValueError(f"{out} holds part of a sequential run, which cannot resume midway; "
-                             "use another --out or delete that directory")
-        todo = [] if done else list(enumerate(batches(requests, batch_size)))
+        complete = _sequential_complete(out_dir, requests, held_out, batch_size, checkpoints)
+        if done and not complete and not distributable(editor):
+            raise ValueError(f"{out} holds part of a sequential {method} run, which cannot resume midway (only "
+                             "MEMIT and AlphaEdit runs can); use another --out or delete that directory")
+        _saved_deltas(out_dir / "deltas", batches(requests, batch_size))   # bad delta files fail here
+        todo = [] if complete else list(enumerate(batches(requests, batch_size)))
     start = time.time()
     timings: dict = {}
     try:
@@ -269,7 +275,6 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
                 pool = Pool(config, workers, options)
                 try:
                     with PartWriter(out_dir) as writer:
-                        editor = make_editor(method, config.get("params"))
                         if not distributable(editor):
                             for ref in pool.actors[0].run_protocol.remote(
                                     protocol, [r for _, b in todo for r in b], batch_size, checkpoints,
@@ -282,7 +287,7 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
                             _batch(pool, editor, todo, done, writer, method, progress, out_dir / "z")
                         else:
                             _sequential(pool, editor, todo, held_out, checkpoints, batch_size, writer, method,
-                                        progress)
+                                        progress, out_dir)
                     timings = {f"{k}_s": v for k, v in pool.seconds.items()}
                 finally:
                     pool.close()
@@ -326,29 +331,66 @@ def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method
                             "worker": worker})
 
 
+def _saved_deltas(store: Path, todo: list[list[EditRequest]]) -> list[Delta]:
+    """The deltas a cut-short sequential run applied, batch by batch, each checked against its batch."""
+    saved = []
+    for b, batch in enumerate(todo):
+        path = store / f"batch-{b:05d}.safetensors"
+        if not path.exists():
+            break
+        try:
+            delta = Delta.load(path)
+        except Exception as exc:  # noqa: BLE001 - name the file
+            raise ValueError(f"{path}: unreadable ({exc}); delete it and the later batch files to redo them") from exc
+        if delta.meta.get("case_ids") != [r.case_id for r in batch]:
+            raise ValueError(f"{path}: made for case_ids {delta.meta.get('case_ids')}, but batch {b} of this run "
+                             f"is {[r.case_id for r in batch]}; was --limit, --batch-size or --data changed?")
+        saved.append(delta)
+    return saved
+
+
 def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, batch_size: int, writer: PartWriter,
-                method: str, progress: bool) -> None:
+                method: str, progress: bool, out_dir: Path) -> None:
+    """Each batch's delta is saved to OUT/deltas/ before its checkpoint is scored, so a rerun applies the saved
+    ones again (AlphaEdit's preserved keys are recomputed from them), scores whatever rows the last checkpoint
+    lacks, and goes on from the next batch."""
     plan = ray.get(pool.actors[0].plan.remote())
     solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
     requests = [r for _, b in todo for r in b]
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
+    store = out_dir / "deltas"
+    saved = _saved_deltas(store, [b for _, b in todo])
+    written = set()
+    if finished_case_ids(out_dir):
+        table = read_results(out_dir, ["case_id", "checkpoint"])
+        written = set(zip(table["case_id"].to_pylist(), table["checkpoint"].to_pylist()))
+    for delta in saved:
+        delta.check_model(plan["model"], plan["fingerprint"])
     everything = [*requests, *held_out]
     pre = dict(zip([r.case_id for r in everything], [s for p in pool.map("pre", "scores", everything, []) for s in p]))
     state, done, seconds = [], [], {}
+    if saved:
+        print(f"resuming: {len(saved)} of {len(todo)} batches already applied, from {store}")
     for b, batch in tqdm(todo, desc=f"sequential {method}", unit="batch", disable=not progress, dynamic_ncols=True):
         t0 = time.perf_counter()
-        delta = _edit(pool, editor, solver, plan, batch, state)
+        if b < len(saved):
+            delta = saved[b]
+        else:
+            delta = _edit(pool, editor, solver, plan, batch, state)
+            delta.save(store / f"batch-{b:05d}.safetensors")
         state = [*state, [ray.put(delta)]]
         if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
             for part in pool.map("keys", "kept_keys", batch, state):
                 for layer, kkt in part.items():
                     solver.preserve(layer, kkt)
-        seconds.update({r.case_id: (time.perf_counter() - t0) / len(batch) for r in batch})
+        edit_s = delta.meta["edit_s"] if b < len(saved) else time.perf_counter() - t0
+        seconds.update({r.case_id: edit_s / len(batch) for r in batch})
         done += batch
-        if len(done) not in cps:
+        missing = [r for r in [*done, *held_out] if (r.case_id, len(done)) not in written]
+        if len(done) not in cps or not missing:
             continue
         extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
-        for r, post, worker in pool.map_rows("eval", [*done, *held_out], state, pre):
+        for r, post, worker in pool.map_rows("eval", missing, state, pre):
             role = "edit" if r.case_id in seconds else "held_out"
             writer.add({**case_row(r, post, pre[r.case_id], method=method, model=plan["model"], checkpoint=len(done),
                                    batch=b, role=role, seconds=seconds.get(r.case_id), extra=extra),
