@@ -114,7 +114,7 @@ def tiny_dir(tiny_lm, tmp_path):
     return path
 
 
-def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path):
+def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, capsys):
     """2 Ray workers split z, keys and scoring; the driver solves. Same figures as in one process (z are
     per-request and the steps fixed, so the shares do not change them); sequential checkpoints and TRR."""
     import ray
@@ -161,30 +161,35 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path):
         data = tmp_path / "cases.jsonl"
         data.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in cases(6)))
         out = tmp_path / "s"
-        argv = ["eval", "--method", "alphaedit", "--model", str(tiny_dir), "--data", str(data), "--limit", "4",
-                "--layers", "1,2", "--v-steps", "6", "--workers", "2", "--out", str(out), "--protocol",
-                "sequential", "--batch-size", "2", "--checkpoints", "2,4", "--held-out", "2"]
+        def sequential(out, limit: int = 4) -> list[str]:
+            return ["eval", "--method", "alphaedit", "--model", str(tiny_dir), "--data", str(data), "--limit",
+                    str(limit), "--layers", "1,2", "--v-steps", "6", "--workers", "2", "--out", str(out),
+                    "--protocol", "sequential", "--batch-size", "2", "--checkpoints", "2,4", "--held-out", "2"]
+
+        argv = sequential(out)
         assert main(argv) == 0
         s = json.loads((out / "summary.json").read_text())
         assert set(s["checkpoints"]) == {"2", "4"} and s["checkpoints"]["4"]["held_out_cases"] == 2
         assert s["checkpoints"]["2"]["cases"] == 2 and s["TRR"] is not None and s["protocol"] == "sequential"
         assert main(["report", str(out)]) == 0 and (out / "lifelong.png").exists()
-        # cut short: rows lost, deltas kept; the rerun applies the saved deltas again (and AlphaEdit's kept keys)
-        # and scores the missing rows on the model as it was at their checkpoint
-        assert sorted(p.name for p in (out / "deltas").iterdir()) == ["batch-00000.safetensors",
-                                                                      "batch-00001.safetensors"]
+        # cut short after batch 0 was saved and part of its checkpoint scored: the rerun applies Σ ΔW and
+        # AlphaEdit's kept keys, scores the rows checkpoint 2 lacks on the model as it was, and edits batch 1
         rows = lambda: sorted((r["case_id"], r["checkpoint"], r["efficacy_magnitude"])  # noqa: E731
                               for p in (out / "results").glob("part-*") for r in pq.read_table(p).to_pylist())
         before = rows()
+        state = out / "run_state.safetensors"
+        assert main(sequential(tmp_path / "cut", limit=2)) == 0     # the first batch alone: the state after it
         for p in (out / "results").glob("part-*"):
             p.unlink()
-        (out / "deltas" / "batch-00001.safetensors").unlink()
+        state.write_bytes((tmp_path / "cut" / "run_state.safetensors").read_bytes())
+        capsys.readouterr()
         assert main(argv) == 0
+        assert "resuming: 1 of 2 batches already applied" in capsys.readouterr().out
         assert [r[:2] for r in rows()] == [r[:2] for r in before]
-        for got, want in zip(rows(), before):   # checkpoint 2: the saved delta; 4: batch 1 edited again
-            assert got[2] == pytest.approx(want[2], abs=1e-6 if got[1] == 2 else 2e-3), (got, want)
-        (out / "deltas" / "batch-00000.safetensors").write_bytes(b"junk")
-        with pytest.raises(ValueError, match="batch-00000.safetensors"):
+        for got, want in zip(rows(), before):   # checkpoint 2: the saved ΔW; 4: batch 1 edited again
+            assert got[2] == pytest.approx(want[2], abs=1e-5), (got, want)
+        state.write_bytes(b"junk")
+        with pytest.raises(ValueError, match="run_state.safetensors"):
             main(argv)
         # an editor that runs whole on one worker (ROME) streams its rows, one part per checkpoint
         out = tmp_path / "rome"

@@ -19,9 +19,9 @@ Other editors (ROME, GRACE, FT, ...) run the in-process protocol (kedit_ray.eval
 Rows are written as each batch (batch protocol) or checkpoint (sequential) finishes. Resume: the batch protocol
 skips the cases that have rows (a batch is re-edited if some of its cases are missing, and only those are
 written) and reads back from OUT/z/ the z a cut-short batch had computed (z depend only on the model and the
-request there). A sequential MEMIT/AlphaEdit run saves each batch's delta to OUT/deltas/ and resumes after the
-last one saved; one run whole on a worker (the other editors) cannot resume midway, but keeps the checkpoints
-it finished.
+request there). A sequential MEMIT/AlphaEdit run saves Σ ΔW so far (and AlphaEdit's kept keys) after each batch
+and resumes from there; one run whole on a worker (the other editors) cannot resume midway, but keeps the
+checkpoints it finished.
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
         if done and not complete and not distributable(editor):
             raise ValueError(f"{out} holds part of a sequential {method} run, which cannot resume midway (only "
                              "MEMIT and AlphaEdit runs can); use another --out or delete that directory")
-        _saved_deltas(out_dir / "deltas", batches(requests, batch_size))   # bad delta files fail here
+        _read_state(out_dir / "run_state.safetensors", batches(requests, batch_size))   # a bad one fails here
         todo = [] if complete else list(enumerate(batches(requests, batch_size)))
     start = time.time()
     timings: dict = {}
@@ -331,65 +331,79 @@ def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method
                             "worker": worker})
 
 
-def _saved_deltas(store: Path, todo: list[list[EditRequest]]) -> list[Delta]:
-    """The deltas a cut-short sequential run applied, batch by batch, each checked against its batch."""
-    saved = []
-    for b, batch in enumerate(todo):
-        path = store / f"batch-{b:05d}.safetensors"
-        if not path.exists():
-            break
-        try:
-            delta = Delta.load(path)
-        except Exception as exc:  # noqa: BLE001 - name the file
-            raise ValueError(f"{path}: unreadable ({exc}); delete it and the later batch files to redo them") from exc
-        if delta.meta.get("case_ids") != [r.case_id for r in batch]:
-            raise ValueError(f"{path}: made for case_ids {delta.meta.get('case_ids')}, but batch {b} of this run "
-                             f"is {[r.case_id for r in batch]}; was --limit, --batch-size or --data changed?")
-        saved.append(delta)
-    return saved
+def _read_state(path: Path, todo: list[list[EditRequest]]) -> tuple[int, dict, dict, dict]:
+    """(batches applied, Σ ΔW per module, AlphaEdit's K_p K_pᵀ per layer, meta) of a cut-short sequential run;
+    (0, {}, {}, {}) without one. The batches must be this run's first ones."""
+    if not path.exists():
+        return 0, {}, {}, {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["run_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        n = int(meta["batches"])
+    except Exception as exc:  # noqa: BLE001 - name the file
+        raise ValueError(f"{path}: not a run state this tool wrote ({exc}); delete it to start the run over") from exc
+    want = [r.case_id for b in todo[:n] for r in b]
+    if n > len(todo) or meta.get("case_ids") != want:
+        raise ValueError(f"{path}: holds {n} batches of other cases than this run's first {n}; was --limit, "
+                         "--batch-size or --data changed? Use another --out or delete the file")
+    deltas = {k.removeprefix("delta/"): v for k, v in tensors.items() if k.startswith("delta/")}
+    kp = {int(k.removeprefix("kp/")): v for k, v in tensors.items() if k.startswith("kp/")}
+    return n, deltas, kp, meta
 
 
 def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, batch_size: int, writer: PartWriter,
                 method: str, progress: bool, out_dir: Path) -> None:
-    """Each batch's delta is saved to OUT/deltas/ before its checkpoint is scored, so a rerun applies the saved
-    ones again (AlphaEdit's preserved keys are recomputed from them), scores whatever rows the last checkpoint
-    lacks, and goes on from the next batch."""
+    """After each batch, Σ ΔW so far and AlphaEdit's K_p K_pᵀ are saved (OUT/run_state.safetensors) before the
+    checkpoint is scored, so a rerun applies them, scores whatever rows the last checkpoint lacks, and goes on
+    from the next batch."""
     plan = ray.get(pool.actors[0].plan.remote())
     solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
     requests = [r for _, b in todo for r in b]
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
-    store = out_dir / "deltas"
-    saved = _saved_deltas(store, [b for _, b in todo])
+    path = out_dir / "run_state.safetensors"
+    n, total, kp, meta = _read_state(path, [b for _, b in todo])
+    if n and meta.get("fingerprint") != plan["fingerprint"]:
+        raise ValueError(f"{path}: made on another model (fingerprint {meta.get('fingerprint')}, this one "
+                         f"{plan['fingerprint']}); use another --out or delete the file")
     written = set()
     if finished_case_ids(out_dir):
         table = read_results(out_dir, ["case_id", "checkpoint"])
         written = set(zip(table["case_id"].to_pylist(), table["checkpoint"].to_pylist()))
-    for delta in saved:
-        delta.check_model(plan["model"], plan["fingerprint"])
     everything = [*requests, *held_out]
     pre = dict(zip([r.case_id for r in everything], [s for p in pool.map("pre", "scores", everything, []) for s in p]))
-    state, done, seconds = [], [], {}
-    if saved:
-        print(f"resuming: {len(saved)} of {len(todo)} batches already applied, from {store}")
-    for b, batch in tqdm(todo, desc=f"sequential {method}", unit="batch", disable=not progress, dynamic_ncols=True):
-        t0 = time.perf_counter()
-        if b < len(saved):
-            delta = saved[b]
-        else:
+    state = [[ray.put(Delta(total, {"fingerprint": plan["fingerprint"]}))]] if n else []
+    getattr(solver, "kp", {}).update(kp)                       # AlphaEdit: the kept keys of those batches
+    done = [r for _, b in todo[:n] for r in b]
+    seconds = {int(k): v for k, v in meta.get("edit_s", {}).items()}
+    if n:
+        print(f"resuming: {n} of {len(todo)} batches already applied, from {path}")
+    extra = meta.get("extra", {})
+    first = max(n - 1, 0)   # a resumed run starts at its last saved batch, to score what its checkpoint lacks
+    for b, batch in tqdm(todo[first:], desc=f"sequential {method}", unit="batch", disable=not progress,
+                         dynamic_ncols=True, initial=first, total=len(todo)):
+        if b >= n:
+            t0 = time.perf_counter()
             delta = _edit(pool, editor, solver, plan, batch, state)
-            delta.save(store / f"batch-{b:05d}.safetensors")
-        state = [*state, [ray.put(delta)]]
-        if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
-            for part in pool.map("keys", "kept_keys", batch, state):
-                for layer, kkt in part.items():
-                    solver.preserve(layer, kkt)
-        edit_s = delta.meta["edit_s"] if b < len(saved) else time.perf_counter() - t0
-        seconds.update({r.case_id: edit_s / len(batch) for r in batch})
-        done += batch
+            state = [*state, [ray.put(delta)]]
+            if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
+                for part in pool.map("keys", "kept_keys", batch, state):
+                    for layer, kkt in part.items():
+                        solver.preserve(layer, kkt)
+            seconds.update({r.case_id: (time.perf_counter() - t0) / len(batch) for r in batch})
+            done += batch
+            total = {k: total.get(k, 0) + d for k, d in delta.deltas.items()}
+            extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
+            save_tensors(path, {**{f"delta/{k}": v for k, v in total.items()},
+                                **{f"kp/{layer}": v for layer, v in getattr(solver, "kp", {}).items()}},
+                         {"run_state": json.dumps({"batches": b + 1, "case_ids": [r.case_id for r in done],
+                                                   "edit_s": seconds, "extra": extra,
+                                                   "fingerprint": plan["fingerprint"]})})
         missing = [r for r in [*done, *held_out] if (r.case_id, len(done)) not in written]
         if len(done) not in cps or not missing:
             continue
-        extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
         for r, post, worker in pool.map_rows("eval", missing, state, pre):
             role = "edit" if r.case_id in seconds else "held_out"
             writer.add({**case_row(r, post, pre[r.case_id], method=method, model=plan["model"], checkpoint=len(done),
