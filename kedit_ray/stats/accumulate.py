@@ -31,15 +31,15 @@ class Partial:
 
 
 def gram(k: torch.Tensor) -> torch.Tensor:
-    """kᵀk for the keys of one packed batch, k [n, d]: products summed in float32 over the batch's n tokens
-    (at most `batch_tokens`), returned in float64 for the running sums, which are float64. Relative Frobenius
-    error against all-float64 on gemma-3-270m's keys: 1e-7 (the stats issue's note). On the CPU numpy's
-    `a.T @ a` calls BLAS ssyrk: half a GEMM's flops, and twice float64's speed."""
+    """kᵀk for the keys of one packed batch, k [n, d], in float32: products summed over the batch's n tokens (at
+    most `batch_tokens`); the running sums they are added to are float64. Relative Frobenius error against
+    all-float64 on gemma-3-270m's keys: 1e-7 (the stats issue's note). On the CPU numpy's `a.T @ a` calls BLAS
+    ssyrk: half a GEMM's flops, and twice float64's speed."""
     k = k.to(torch.float32).contiguous()
     if k.device.type != "cpu":
-        return (k.T @ k).double()
+        return k.T @ k
     a = k.numpy()
-    return torch.from_numpy(a.T @ a).double()
+    return torch.from_numpy(a.T @ a)
 
 
 def tokenize(tok, docs: list[str], max_len: int) -> list[list[int]]:
@@ -83,7 +83,9 @@ def add_batch(lm: LM, layers: list[int], module: str, ids: torch.Tensor, mask: t
         on = keep.to(k.device)
         g = gram(k[on] if not on.all() else k.reshape(-1, k.shape[-1]))
         layer = names[name]
-        part.sums[layer] = g if layer not in part.sums else part.sums[layer].add_(g)
+        if layer not in part.sums:
+            part.sums[layer] = torch.zeros(g.shape, dtype=torch.float64, device=g.device)
+        part.sums[layer].add_(g)   # float32 into float64, in one pass
         if name == deepest:
             raise StopForward
         return k
