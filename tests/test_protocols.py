@@ -144,7 +144,7 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
         assert summary["cases"] == 4 and summary["timings"]["z_s"] > 0 and summary["complete"]
         # cut short after z: the rerun reads the targets back, computes none, and writes the same rows
         z_files = sorted((tmp_path / "b" / "z").glob("z-*.safetensors"))
-        assert len(z_files) == 1                                   # one round: 2 workers × z_batch 25 ≥ 4
+        assert len(z_files) == 1                                   # one round: 2 workers × Z_ROUND 25 ≥ 4
         for f in (tmp_path / "b" / "results").glob("part-*"):
             f.unlink()
         again = run_protocol_eval(config, cases(4), str(tmp_path / "b"), workers=2, protocol="batch",

@@ -49,6 +49,9 @@ from kedit_ray.io import save_tensors, write_json
 from kedit_ray.requests import EditRequest
 
 
+Z_ROUND = 25   # requests per worker between two saves of z (at least the editor's z_batch)
+
+
 def distributable(editor) -> bool:
     """Editors whose keys and targets can be computed per share and solved on the driver (MEMIT, AlphaEdit)."""
     return all(hasattr(editor, m) for m in ("targets", "inputs", "make_solver"))
@@ -221,7 +224,7 @@ def _edit(pool: Pool, editor, solver, plan: dict, batch: list[EditRequest], stat
     """One MEMIT-family edit of `batch` on the model with `state` applied, z and keys computed by the workers
     (z saved to and read back from `store` if given)."""
     t0 = time.perf_counter()
-    z = _targets(pool, batch, state, plan["z_batch"], store, progress)
+    z = _targets(pool, batch, state, max(plan["z_batch"], Z_ROUND), store, progress)
 
     def inputs(layer: int, deltas: dict) -> tuple[torch.Tensor, torch.Tensor]:
         partial = [ray.put(deltas)]
