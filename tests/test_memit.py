@@ -85,6 +85,8 @@ def test_memit_z_at_mlp_out_writes_v_star(tiny_lm):
 def test_memit_settles_per_model_defaults(tiny_lm):
     """What the parameters leave open comes from the model's measured defaults, else the paper's."""
     assert settle(MemitParams(), tiny_lm).z_module == "layer"
+    assert settle(MemitParams(), tiny_lm).z_batch == 1                   # the CPU: one request at a time
+    assert settle(MemitParams(z_batch=8), tiny_lm).z_batch == 8
     hp = settle(MemitParams(), dataclasses.replace(tiny_lm, name="gemma-3-270m"))
     assert (hp.layers, hp.z_module, hp.values.clamp_norm) == (PER_MODEL["gemma-3-270m"]["layers"], "mlp_out", 1.0)
     hp = settle(MemitParams.from_dict({"layers": [1, 2], "z_module": "layer", "values": {"clamp_norm": 0.5}}),
