@@ -58,7 +58,8 @@ def main() -> None:
         for _ in layers:
             gram(keys[:int(mask.sum())])
 
-    runs = {"bare": bare, "sums alone": sums, "one pass": lambda ids, mask, p=Partial(): add_batch(lm, layers, "mlp_out", ids, mask, p)}
+    runs = {"bare": bare, "sums alone": sums,
+            "one pass": lambda ids, mask, p=Partial(): add_batch(lm, layers, "mlp_out", ids, mask, p)}
     for layer in layers:  # each keeps its own running sums, as a real run does
         runs[f"layer {layer}"] = lambda ids, mask, p=Partial(), layer=layer: add_batch(lm, [layer], "mlp_out", ids,
                                                                                         mask, p)
