@@ -119,7 +119,7 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
     per-request and the steps fixed, so the shares do not change them); sequential checkpoints and TRR."""
     import ray
 
-    from kedit_ray.distributed.batch import run_protocol_eval
+    from kedit_ray.distributed.batch import _read_pre, run_protocol_eval
     from kedit_ray.models import load
 
     params = {"layers": [1, 2], "n_prefixes": 2, "prefix_len": 4, "mom2_update_weight": 1e-3,
@@ -149,12 +149,18 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
             f.unlink()
         again = run_protocol_eval(config, cases(4), str(tmp_path / "b"), workers=2, protocol="batch",
                                   batch_size=4, progress=False)
-        assert "z_s" not in again["timings"] and again["complete"]
+        assert "z_s" not in again["timings"] and "pre_s" not in again["timings"] and again["complete"]
         assert again["efficacy_magnitude"] == pytest.approx(summary["efficacy_magnitude"], abs=1e-6)
+        pre = tmp_path / "b" / "pre_scores.json"
+        with pytest.raises(ValueError, match="pre_scores.json: made on another model"):
+            _read_pre(pre, "another fingerprint")
         z_files[0].write_bytes(b"not safetensors")
-        with pytest.raises(ValueError, match="z-0-3.safetensors"):
-            run_protocol_eval(config, cases(4), str(tmp_path / "b"), workers=2, protocol="batch", batch_size=4,
-                              progress=False)
+        pre.write_text("{")
+        for bad in (z_files[0], pre):   # each names its file, before Ray starts
+            with pytest.raises(ValueError, match=bad.name):
+                run_protocol_eval(config, cases(4), str(tmp_path / "b"), workers=2, protocol="batch", batch_size=4,
+                                  progress=False)
+            bad.unlink()
         # sequential AlphaEdit through `kedit eval`: checkpoints, held-out TRR, report, no midway resume
         from kedit_ray.cli import main
 
@@ -185,6 +191,7 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
         capsys.readouterr()
         assert main(argv) == 0
         assert "resuming: 1 of 2 batches already applied" in capsys.readouterr().out
+        assert "pre_s" not in json.loads((out / "summary.json").read_text())["timings"]   # read back
         assert [r[:2] for r in rows()] == [r[:2] for r in before]
         for got, want in zip(rows(), before):   # checkpoint 2: the saved ΔW; 4: batch 1 edited again
             assert got[2] == pytest.approx(want[2], abs=1e-5), (got, want)

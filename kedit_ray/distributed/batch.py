@@ -16,12 +16,12 @@ edit so far and the held-out cases are scored, split over the workers.
 
 Other editors (ROME, GRACE, FT, ...) run the in-process protocol (kedit_ray.eval.protocols) on one worker.
 
-Rows are written as each batch (batch protocol) or checkpoint (sequential) finishes. Resume: the batch protocol
-skips the cases that have rows (a batch is re-edited if some of its cases are missing, and only those are
-written) and reads back from OUT/z/ the z a cut-short batch had computed (z depend only on the model and the
-request there). A sequential MEMIT/AlphaEdit run saves Σ ΔW so far (and AlphaEdit's kept keys) after each batch
-and resumes from there; one run whole on a worker (the other editors) cannot resume midway, but keeps the
-checkpoints it finished.
+Rows are written as they are scored, a round of cases at a time. Resume: the unedited model's scores are kept
+in OUT/pre_scores.json, so a rerun scores only the cases it lacks. The batch protocol skips the cases that have
+rows (a batch is re-edited if some of its cases are missing, and only those are written) and reads back from
+OUT/z/ the z a cut-short batch had computed (z depend only on the model and the request there). A sequential
+MEMIT/AlphaEdit run saves Σ ΔW so far (and AlphaEdit's kept keys) after each batch and resumes from there; one
+run whole on a worker (the other editors) cannot resume midway, but keeps the checkpoints it finished.
 """
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ from kedit_ray.requests import EditRequest
 
 
 Z_ROUND = 25   # requests per worker between two saves of z (at least the editor's z_batch)
+SCORE_ROUND = 100   # cases per worker between two progress updates (and saves of the pre-edit scores)
+PRE_SCORES = "pre_scores.json"   # OUT's scores of the unedited model, per case_id
 
 
 def distributable(editor) -> bool:
@@ -181,6 +183,43 @@ class Pool:
             ray.kill(a, no_restart=True)
 
 
+def _in_rounds(items: list, size: int, desc: str, progress: bool) -> Iterator[list]:
+    """`items` in slices of `size`, under a progress bar that counts cases."""
+    with tqdm(total=len(items), desc=desc, unit="case", disable=not progress or not items, leave=False,
+              dynamic_ncols=True) as bar:
+        for s in range(0, len(items), size):
+            yield items[s:s + size]
+            bar.update(len(items[s:s + size]))
+
+
+def _read_pre(path: Path, fingerprint: str | None = None) -> dict[int, dict]:
+    """case_id → scores of the unedited model, from the file `_pre_scores` wrote ({} without one); with
+    `fingerprint`, the file must have been made on that model."""
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        have = {int(k): dict(v) for k, v in saved["scores"].items()}
+    except Exception as exc:  # noqa: BLE001 - name the file
+        raise ValueError(f"{path}: not pre-edit scores this tool wrote ({exc}); delete it to score again") from exc
+    if fingerprint is not None and saved.get("fingerprint") != fingerprint:
+        raise ValueError(f"{path}: made on another model (fingerprint {saved.get('fingerprint')}, this one "
+                         f"{fingerprint}); use another --out or delete the file")
+    return have
+
+
+def _pre_scores(pool: Pool, requests: list[EditRequest], path: Path, fingerprint: str,
+                progress: bool) -> dict[int, dict]:
+    """Scores of the unedited model for `requests`, saved to `path` round by round, so a rerun scores only the
+    cases that file lacks (they depend on the model and the case alone)."""
+    have = _read_pre(path, fingerprint)
+    todo = [r for r in requests if r.case_id not in have]
+    for part in _in_rounds(todo, SCORE_ROUND * len(pool.actors), "pre-edit scores", progress):
+        have.update(zip([r.case_id for r in part], [s for p in pool.map("pre", "scores", part, []) for s in p]))
+        write_json(path, {"fingerprint": fingerprint, "scores": {str(k): v for k, v in have.items()}})
+    return {r.case_id: have[r.case_id] for r in requests}
+
+
 def _read_targets(store: Path) -> dict[int, torch.Tensor]:
     """case_id → z from the files `_targets` wrote."""
     from safetensors import safe_open
@@ -268,6 +307,7 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
                              "MEMIT and AlphaEdit runs can); use another --out or delete that directory")
         _read_state(out_dir / "run_state.safetensors", batches(requests, batch_size))   # a bad one fails here
         todo = [] if complete else list(enumerate(batches(requests, batch_size)))
+    _read_pre(out_dir / PRE_SCORES)   # as does a bad file of pre-edit scores
     start = time.time()
     timings: dict = {}
     try:
@@ -287,7 +327,7 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
                                         writer.add(row)
                                 writer.flush()
                         elif protocol == "batch":
-                            _batch(pool, editor, todo, done, writer, method, progress, out_dir / "z")
+                            _batch(pool, editor, todo, done, writer, method, progress, out_dir)
                         else:
                             _sequential(pool, editor, todo, held_out, checkpoints, batch_size, writer, method,
                                         progress, out_dir)
@@ -312,14 +352,14 @@ def _sequential_complete(out_dir: Path, requests, held_out, batch_size, checkpoi
 
 
 def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method: str, progress: bool,
-           store: Path) -> None:
+           out_dir: Path) -> None:
     plan = ray.get(pool.actors[0].plan.remote())
     solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
     for b, batch in tqdm(todo, desc=f"batch {method}", unit="batch", disable=not progress, dynamic_ncols=True):
-        pre = dict(zip([r.case_id for r in batch], [s for p in pool.map("pre", "scores", batch, []) for s in p]))
+        pre = _pre_scores(pool, batch, out_dir / PRE_SCORES, plan["fingerprint"], progress)
         t0 = time.perf_counter()
         try:
-            delta = _edit(pool, editor, solver, plan, batch, [], store, progress)
+            delta = _edit(pool, editor, solver, plan, batch, [], out_dir / "z", progress)
         except Exception as exc:  # noqa: BLE001 - a failed batch becomes its error rows
             for row in error_rows([r for r in batch if r.case_id not in done], exc, method=method, model=plan["model"],
                                   batch=b):
@@ -327,8 +367,10 @@ def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method
             continue
         seconds = (time.perf_counter() - t0) / len(batch)
         extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
-        for r, post, worker in pool.map_rows("eval", batch, [], pre, [ray.put(delta)]):
-            if r.case_id not in done:
+        ref = [ray.put(delta)]
+        todo_rows = [r for r in batch if r.case_id not in done]
+        for part in _in_rounds(todo_rows, SCORE_ROUND * len(pool.actors), "post-edit scores", progress):
+            for r, post, worker in pool.map_rows("eval", part, [], pre, ref):
                 writer.add({**case_row(r, post, pre[r.case_id], method=method, model=plan["model"],
                                        checkpoint=len(batch), batch=b, seconds=seconds, extra=extra),
                             "worker": worker})
@@ -375,8 +417,7 @@ def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, bat
     if finished_case_ids(out_dir):
         table = read_results(out_dir, ["case_id", "checkpoint"])
         written = set(zip(table["case_id"].to_pylist(), table["checkpoint"].to_pylist()))
-    everything = [*requests, *held_out]
-    pre = dict(zip([r.case_id for r in everything], [s for p in pool.map("pre", "scores", everything, []) for s in p]))
+    pre = _pre_scores(pool, [*requests, *held_out], out_dir / PRE_SCORES, plan["fingerprint"], progress)
     state = [[ray.put(Delta(total, {"fingerprint": plan["fingerprint"]}))]] if n else []
     getattr(solver, "kp", {}).update(kp)                       # AlphaEdit: the kept keys of those batches
     done = [r for _, b in todo[:n] for r in b]
@@ -407,9 +448,10 @@ def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, bat
         missing = [r for r in [*done, *held_out] if (r.case_id, len(done)) not in written]
         if len(done) not in cps or not missing:
             continue
-        for r, post, worker in pool.map_rows("eval", missing, state, pre):
-            role = "edit" if r.case_id in seconds else "held_out"
-            writer.add({**case_row(r, post, pre[r.case_id], method=method, model=plan["model"], checkpoint=len(done),
-                                   batch=b, role=role, seconds=seconds.get(r.case_id), extra=extra),
-                        "worker": worker})
+        for part in _in_rounds(missing, SCORE_ROUND * len(pool.actors), f"checkpoint {len(done)}", progress):
+            for r, post, worker in pool.map_rows("eval", part, state, pre):
+                role = "edit" if r.case_id in seconds else "held_out"
+                writer.add({**case_row(r, post, pre[r.case_id], method=method, model=plan["model"],
+                                       checkpoint=len(done), batch=b, role=role, seconds=seconds.get(r.case_id),
+                                       extra=extra), "worker": worker})
         writer.flush()
