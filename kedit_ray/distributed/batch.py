@@ -248,7 +248,8 @@ def _targets(pool: Pool, batch: list[EditRequest], state: list, per_worker: int,
     rounds = range(0, len(todo), size)
     if store and have:
         print(f"resuming: {len(batch) - len(todo)} of {len(batch)} targets z already in {store}")
-    for s in tqdm(rounds, desc="z", unit="round", disable=not progress or len(rounds) < 2, dynamic_ncols=True):
+    for s in tqdm(rounds, desc="z", unit="round", disable=not progress or len(rounds) < 2, leave=False,
+                  dynamic_ncols=True):
         part = todo[s:s + size]
         z = torch.cat(pool.map("z", "targets", part, state))
         ids = [r.case_id for r in part]
@@ -430,7 +431,7 @@ def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, bat
                          dynamic_ncols=True, initial=first, total=len(todo)):
         if b >= n:
             t0 = time.perf_counter()
-            delta = _edit(pool, editor, solver, plan, batch, state)
+            delta = _edit(pool, editor, solver, plan, batch, state, progress=progress)
             state = [*state, [ray.put(delta)]]
             if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
                 for part in pool.map("keys", "kept_keys", batch, state):
