@@ -78,27 +78,33 @@ def checkpoint_table(summaries: dict[str, dict]) -> str:
 
 
 def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
-    """ES / PS / NS / TRR against the number of edits applied, one line per run."""
+    """ES / PS / NS / TRR against the number of edits applied, one line per run, and dotted in its colour the
+    same cases' scores on the unedited model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("TRR", "TRR")]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]   # one per run, the same in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     for ax, (name, key) in zip(axes, panels):
-        for run, s in summaries.items():
-            points = sorted((int(t), c.get(key)) for t, c in s.get("checkpoints", {}).items()
-                            if c.get(key) is not None)
-            if points:
-                label = f"{s.get('method')} ({s.get('protocol', Path(run).name)})"
-                ax.plot(*zip(*points), marker="o", label=label)
+        for i, (run, s) in enumerate(summaries.items()):
+            color = colors[i % len(colors)]
+            label = f"{s.get('method')} ({s.get('protocol', Path(run).name)})"
+            cps = s.get("checkpoints", {})
+            post = sorted((int(t), c[key]) for t, c in cps.items() if c.get(key) is not None)
+            pre = sorted((int(t), c[f"pre_{key}"]) for t, c in cps.items() if c.get(f"pre_{key}") is not None)
+            if post:
+                ax.plot(*zip(*post), marker="o", color=color, label=label)
+                if pre:
+                    ax.plot(*zip(*pre), linestyle=":", color=color, label=f"{label}, unedited")
         ax.set_xlabel("edits applied")
         ax.set_title(name)
         ax.set_ylim(0, 1.05)
         if len({int(t) for s in summaries.values() for t in s.get("checkpoints", {})}) > 2:
             ax.set_xscale("log")
-    axes[0].legend(fontsize=8, loc="lower left")
+    axes[0].legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
