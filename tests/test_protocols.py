@@ -114,7 +114,7 @@ def tiny_dir(tiny_lm, tmp_path):
     return path
 
 
-def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, capsys):
+def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, capsys, monkeypatch):
     """2 Ray workers split z, keys and scoring; the driver solves. Same figures as in one process (z are
     per-request and the steps fixed, so the shares do not change them); sequential checkpoints and TRR."""
     import ray
@@ -179,7 +179,8 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
         assert s["checkpoints"]["2"]["cases"] == 2 and s["TRR"] is not None and s["protocol"] == "sequential"
         assert main(["report", str(out)]) == 0 and (out / "lifelong.png").exists()
         # cut short after batch 0 was saved and part of its checkpoint scored: the rerun applies Σ ΔW and
-        # AlphaEdit's kept keys, scores the rows checkpoint 2 lacks on the model as it was, and edits batch 1
+        # AlphaEdit's kept keys, scores the rows checkpoint 2 lacks on the model as it was, and edits batch 1;
+        # cut once more after batch 1's z, the next rerun reads them back
         rows = lambda: sorted((r["case_id"], r["checkpoint"], r["efficacy_magnitude"])  # noqa: E731
                               for p in (out / "results").glob("part-*") for r in pq.read_table(p).to_pylist())
         before = rows()
@@ -188,9 +189,21 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
         for p in (out / "results").glob("part-*"):
             p.unlink()
         state.write_bytes((tmp_path / "cut" / "run_state.safetensors").read_bytes())
+        import kedit_ray.distributed.batch as batch_module
+
+        def cut(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(batch_module, "spread", cut)
+            with pytest.raises(KeyboardInterrupt):
+                main(argv)
+        assert len(list((out / "z" / "batch-1").glob("z-*.safetensors"))) == 1
         capsys.readouterr()
         assert main(argv) == 0
-        assert "resuming: 1 of 2 batches already applied" in capsys.readouterr().out
+        said = capsys.readouterr().out
+        assert "resuming: 1 of 2 batches already applied" in said and "2 of 2 targets z already in" in said
+        assert not (out / "z" / "batch-1").exists()
         assert "pre_s" not in json.loads((out / "summary.json").read_text())["timings"]   # read back
         assert [r[:2] for r in rows()] == [r[:2] for r in before]
         for got, want in zip(rows(), before):   # checkpoint 2: the saved ΔW; 4: batch 1 edited again

@@ -20,14 +20,16 @@ Rows are written as they are scored, a round of cases at a time. Resume: the une
 in OUT/pre_scores.json, so a rerun scores only the cases it lacks. The batch protocol skips the cases that have
 rows (a batch is re-edited if some of its cases are missing, and only those are written) and reads back from
 OUT/z/ the z a cut-short batch had computed (z depend only on the model and the request there). A sequential
-MEMIT/AlphaEdit run saves Σ ΔW so far (and AlphaEdit's kept keys) after each batch and resumes from there; one
-run whole on a worker (the other editors) cannot resume midway, but keeps the checkpoints it finished.
+MEMIT/AlphaEdit run saves Σ ΔW so far (and AlphaEdit's kept keys) after each batch and resumes from there, with
+the z its next batch had saved (OUT/z/batch-B/); one run whole on a worker (the other editors) cannot resume
+midway, but keeps the checkpoints it finished.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -239,9 +241,9 @@ def _read_targets(store: Path) -> dict[int, torch.Tensor]:
 
 def _targets(pool: Pool, batch: list[EditRequest], state: list, per_worker: int, store: Path | None,
              progress: bool) -> torch.Tensor:
-    """z for `batch`, in rounds of `per_worker` requests on each worker. With `store` (the batch protocol, where z
-    depends only on the model and the request) each round's z is saved there at once and a rerun reads them
-    back, so a long batch resumes within its z."""
+    """z for `batch`, in rounds of `per_worker` requests on each worker. With `store` each round's z is saved there
+    at once and a rerun reads them back, so a long batch resumes within its z. (z depend on the request and on
+    the model: the unedited one in the batch protocol, the one the saved run state fixes in the sequential.)"""
     have = _read_targets(store) if store else {}
     todo = [r for r in batch if r.case_id not in have]
     size = per_worker * len(pool.actors)
@@ -307,6 +309,8 @@ def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, worke
             raise ValueError(f"{out} holds part of a sequential {method} run, which cannot resume midway (only "
                              "MEMIT and AlphaEdit runs can); use another --out or delete that directory")
         _read_state(out_dir / "run_state.safetensors", batches(requests, batch_size))   # a bad one fails here
+        for store in (out_dir / "z").glob("batch-*"):
+            _read_targets(store)
         todo = [] if complete else list(enumerate(batches(requests, batch_size)))
     _read_pre(out_dir / PRE_SCORES)   # as does a bad file of pre-edit scores
     start = time.time()
@@ -404,7 +408,7 @@ def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, bat
                 method: str, progress: bool, out_dir: Path) -> None:
     """After each batch, Σ ΔW so far and AlphaEdit's K_p K_pᵀ are saved (OUT/run_state.safetensors) before the
     checkpoint is scored, so a rerun applies them, scores whatever rows the last checkpoint lacks, and goes on
-    from the next batch."""
+    from the next batch, reading back the z that batch had saved (OUT/z/batch-B/)."""
     plan = ray.get(pool.actors[0].plan.remote())
     solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
     requests = [r for _, b in todo for r in b]
@@ -431,7 +435,8 @@ def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, bat
                          dynamic_ncols=True, initial=first, total=len(todo)):
         if b >= n:
             t0 = time.perf_counter()
-            delta = _edit(pool, editor, solver, plan, batch, state, progress=progress)
+            store = out_dir / "z" / f"batch-{b}"   # this batch's z, until the state after it is saved
+            delta = _edit(pool, editor, solver, plan, batch, state, store, progress)
             state = [*state, [ray.put(delta)]]
             if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
                 for part in pool.map("keys", "kept_keys", batch, state):
@@ -446,6 +451,7 @@ def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, bat
                          {"run_state": json.dumps({"batches": b + 1, "case_ids": [r.case_id for r in done],
                                                    "edit_s": seconds, "extra": extra,
                                                    "fingerprint": plan["fingerprint"]})})
+            shutil.rmtree(store, ignore_errors=True)
         missing = [r for r in [*done, *held_out] if (r.case_id, len(done)) not in written]
         if len(done) not in cps or not missing:
             continue
