@@ -59,7 +59,7 @@ class MemitParams:
     n_prefixes: int = 5
     prefix_len: int = 10
     # requests whose z are optimised together in one batch; None: 25 on an accelerator, 1 on the CPU, where on
-    # gemma-3-270m a batch of 25 runs no faster per request (0.92×, benchmarks/bench_batch.py) and holds 6.6 GB
+    # gemma-3-270m a batch of 25 runs no faster per request (1.02×, benchmarks/bench_batch.py) and holds 6.6 GB
     # at its peak against 1.9 GB for one (each request adds ~0.2 GB of activations for the backward pass)
     z_batch: int | None = None
     values: ValueParams = field(default_factory=ValueParams)   # clamp_norm None: per model, else 0.75
