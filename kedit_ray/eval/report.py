@@ -78,8 +78,8 @@ def checkpoint_table(summaries: dict[str, dict]) -> str:
 
 
 def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
-    """ES / PS / NS / TRR against the number of edits applied, one line per run, and dotted in its colour the
-    same cases' scores on the unedited model."""
+    """ES / PS / NS / TRR against the number of edits applied, one line per run, and dotted the same cases'
+    scores on the unedited model: once in grey where every run scored the same cases, else in each run's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,16 +89,19 @@ def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]   # one per run, the same in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     for ax, (name, key) in zip(axes, panels):
-        for i, (run, s) in enumerate(summaries.items()):
+        curves = {run: [sorted((int(t), c[k]) for t, c in s.get("checkpoints", {}).items() if c.get(k) is not None)
+                        for k in (key, f"pre_{key}")] for run, s in summaries.items()}
+        pres = [pre for post, pre in curves.values() if post and pre]
+        shared = len(pres) > 1 and all(pre == pres[0] for pre in pres)
+        for i, (run, (post, pre)) in enumerate(curves.items()):
             color = colors[i % len(colors)]
-            label = f"{s.get('method')} ({s.get('protocol', Path(run).name)})"
-            cps = s.get("checkpoints", {})
-            post = sorted((int(t), c[key]) for t, c in cps.items() if c.get(key) is not None)
-            pre = sorted((int(t), c[f"pre_{key}"]) for t, c in cps.items() if c.get(f"pre_{key}") is not None)
+            label = f"{summaries[run].get('method')} ({summaries[run].get('protocol', Path(run).name)})"
             if post:
                 ax.plot(*zip(*post), marker="o", color=color, label=label)
-                if pre:
+                if pre and not shared:
                     ax.plot(*zip(*pre), linestyle=":", color=color, label=f"{label}, unedited")
+        if shared:
+            ax.plot(*zip(*pres[0]), linestyle=":", color="grey", label="unedited (the same cases)")
         ax.set_xlabel("edits applied")
         ax.set_title(name)
         ax.set_ylim(0, 1.05)
