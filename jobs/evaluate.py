@@ -9,12 +9,12 @@ import sys
 from kedit_ray.cli import main
 
 
-def job_argv(argv: list[str]) -> list[str]:
-    """`kedit eval` arguments, with --address auto unless one is given."""
+def job_argv(command: str, argv: list[str]) -> list[str]:
+    """`kedit COMMAND` arguments, with --address auto unless one is given."""
     if any(a == "--address" or a.startswith("--address=") for a in argv):
-        return ["eval", *argv]
-    return ["eval", "--address", "auto", *argv]
+        return [command, *argv]
+    return [command, "--address", "auto", *argv]
 
 
 if __name__ == "__main__":
-    sys.exit(main(job_argv(sys.argv[1:])))
+    sys.exit(main(job_argv("eval", sys.argv[1:])))

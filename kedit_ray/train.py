@@ -27,6 +27,7 @@ from kedit_ray.editors.learned import (HyperNet, build_net, build_rows, check_fi
                                        save_checkpoint, step_terms)
 from kedit_ray.models import LM, load
 from kedit_ray.models.loading import DEFAULT_MODEL
+from kedit_ray.options import UsageError, count, layers, positive, positive_float
 from kedit_ray.requests import EditRequest
 
 
@@ -197,49 +198,50 @@ def train_loop(config: dict, lm: LM | None = None, report: Callable[[dict], None
 # ---------------------------------------------------------------- the `kedit train` command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from kedit_ray.stats.command import parse_layers
-
-    p.add_argument("--method", required=True, choices=["ke", "mend"])
+    p.add_argument("--method", required=True, choices=["ke", "mend"], help="the learned editor to train")
     p.add_argument("--model", default=DEFAULT_MODEL, help="gemma-3-270m (embedded), a hub id, a directory or a .gguf")
     p.add_argument("--data", required=True, help="zsRE or CounterFact records (JSON, JSONL or Parquet)")
-    p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre"])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=1, help="requests per worker per step")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam's rate for the network")
-    p.add_argument("--holdout", type=int, default=0, help="leave the first N records out (evaluate on them)")
-    p.add_argument("--layers", type=parse_layers, default=None, help="layers to edit (default: measured per model)")
+    p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre"],
+                   help="the layout of --data (auto: from the first record's keys)")
+    p.add_argument("--steps", type=positive, default=300, help="training steps")
+    p.add_argument("--batch-size", type=positive, default=1, help="requests per worker per step")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="Adam's rate for the network")
+    p.add_argument("--holdout", type=count, default=0, help="leave the first N records out (evaluate on them)")
+    p.add_argument("--layers", type=layers, default=None, help="layers to edit, e.g. 12,13 or 10-13 "
+                                                                "(default: measured per model)")
     p.add_argument("--modules", default="mlp_out", help="which matrices of each layer: mlp_out, mlp_in or both, "
                                                           "comma-separated")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
+    p.add_argument("--save-every", type=positive, default=50, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation and the data order")
+    p.add_argument("--threads", type=positive, default=1, help="torch threads per worker")
+    p.add_argument("--workers", type=positive, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--no-ray", action="store_true", help="train in this process, without Ray (one worker)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join: 'auto' or host:port (default: $RAY_ADDRESS, else a local Ray on "
+                        "127.0.0.1)")
     p.add_argument("--out", required=True, help="checkpoint directory (a rerun resumes from it)")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from kedit_ray.models.loading import check_model
+
+    if args.no_ray and args.workers != 1:
+        raise UsageError("--no-ray runs one worker; drop --workers")
     net = {"modules": [m.strip() for m in args.modules.split(",") if m.strip()]}
     if args.layers is not None:
         net["layers"] = args.layers
     config = asdict(TrainConfig(args.method, str(Path(args.data).resolve()), str(Path(args.out).resolve()),
                                 args.model, args.dataset, args.steps, args.batch_size, args.lr, args.seed,
                                 args.holdout, args.save_every, args.threads, net=net))
-    try:
-        training_requests(TrainConfig.from_dict(config))          # a data error shows here, before any worker starts
-        if args.no_ray:
-            if args.workers != 1:
-                sys.exit("kedit train: --no-ray runs one worker; drop --workers")
-            figures = train_loop(config)
-        else:
-            from kedit_ray.distributed.train import run_train
+    training_requests(TrainConfig.from_dict(config))          # a data error shows here, before any worker starts
+    check_model(args.model)
+    if args.no_ray:
+        figures = train_loop(config)
+    else:
+        from kedit_ray.distributed.train import run_train
 
-            figures = run_train(config, args.workers, args.address)
-    except (ValueError, OSError) as e:
-        print(f"kedit train: error: {e}", file=sys.stderr)
-        return 2
+        figures = run_train(config, args.workers, args.address)
     print(json.dumps({"out": config["out"], **figures}, indent=2))
     return 0

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kedit_ray.models.loading import DEFAULT_MODEL
+from kedit_ray.options import add_model_args, add_ray_args, cpus_per_worker, model_kw, positive, templates
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
@@ -33,24 +33,12 @@ def parse_noise(text: str) -> str | float:
     return sigma
 
 
-def positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
-    return n
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="gemma-3-270m (embedded), a hub id, a directory or a .gguf")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="known facts (the layout of known_1000.json) or any requests file")
-    p.add_argument("--limit", type=positive, default=None, help="the first N facts")
-    p.add_argument("--workers", type=positive, default=1, help="Ray TraceWorkers (1: in this process, no Ray)")
-    p.add_argument("--address", default=None, help="join this Ray cluster ('auto', host:port) even with 1 worker")
-    p.add_argument("--cpus-per-worker", type=float, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=positive, default=None, help="the first N facts (default: all)")
+    add_ray_args(p, "trace")
+    p.add_argument("--out", required=True, help="run directory: results/, summary.json, plots/")
     p.add_argument("--kind", type=parse_kinds, default="hidden,mlp,attn", help="states to restore: hidden,mlp,attn")
     p.add_argument("--window", type=positive, default=10, help="MLP / attention layers restored together")
     p.add_argument("--noise", type=parse_noise, default="auto",
@@ -66,10 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class LocalTracer:
     """The TracePool interface, in this process."""
 
-    def __init__(self, model: str, params):
+    def __init__(self, model: str, params, load_kw: dict):
         from kedit_ray.models import load
 
-        self.lm, self.params = load(model), params
+        self.lm, self.params = load(model, **load_kw), params
 
     def noise_std(self, texts: list[str]) -> float:
         from kedit_ray.tracing.trace import noise_std
@@ -92,23 +80,17 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kedit_ray.datasets import load_known
-    from kedit_ray.distributed.sink import ConfigMismatch, check_config
+    from kedit_ray.distributed.sink import check_config
+    from kedit_ray.models.loading import check_model
     from kedit_ray.tracing import plots, results
     from kedit_ray.tracing.trace import TraceParams
 
-    try:
-        facts = load_known(args.data)
-    except (ValueError, OSError) as e:
-        print(f"kedit trace: error: {e}", file=sys.stderr)
-        return 2
+    facts = load_known(args.data)
+    check_model(args.model)
     out = Path(args.out)
     config = {"model": args.model, "data": str(Path(args.data).resolve()), "kinds": list(args.kind),
               "window": args.window, "noise": args.noise, "samples": args.samples, "seed": args.seed}
-    try:
-        check_config(out, config)
-    except ConfigMismatch as e:
-        print(f"kedit trace: {e}", file=sys.stderr)
-        return 2
+    check_config(out, config)
     selected = facts[:args.limit]
     done = results.finished(out)
     todo = [f for f in selected if f.id not in done]
@@ -116,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers > 1 or args.address:
         from kedit_ray.distributed.trace import TracePool
 
-        tracer = TracePool(args.model, params, args.workers, args.address, args.cpus_per_worker)
+        tracer = TracePool(args.model, params, args.workers, args.address, cpus_per_worker(args), templates(args))
     else:
-        tracer = LocalTracer(args.model, params)
+        tracer = LocalTracer(args.model, params, model_kw(args))
     skipped, errors = results.read_skipped(out), {}
     with tracer:
         # σ from every prompt of the file, so that it does not depend on --limit
