@@ -45,7 +45,7 @@ def direct_mom2(lm, layer: int, docs: list[str], max_len: int, module: str = "ml
 
     def hook(_m, args):
         nonlocal total, count
-        k = args[0][0].double()
+        k = args[0].reshape(-1, args[0].shape[-1]).double()     # one document: [time, d] (flat in an MoE block)
         total, count = total + k.T @ k, count + k.shape[0]
 
     handle = lm.model.get_submodule(lm.arch.name(module, layer)).register_forward_pre_hook(hook)

@@ -166,7 +166,7 @@ def prepare(lm: LM, prompt: str, subject: str, sigma: float, params: TraceParams
         logits = lm.model(input_ids=ids).logits[0]
     r = int(logits[0].argmax())
     gen = torch.Generator().manual_seed(params.seed)
-    noise = sigma * torch.randn(S, len(subj), lm.model.config.hidden_size, generator=gen)
+    noise = sigma * torch.randn(S, len(subj), lm.model.config.get_text_config().hidden_size, generator=gen)
     blocks = [lm.arch.name("layer", l) for l in range(L)]
     with Trace(lm.model, lm.arch.embed, edit_output=_add_noise(subj, noise)), \
             TraceDict(lm.model, blocks, retain_input=True) as entry, _last(lm, S, T - 1):
@@ -222,7 +222,7 @@ def _restored_pass(lm: LM, run: Runs, restores: list[Restore], lo: int, t: int) 
 def _head_probs(lm: LM, h: torch.Tensor, r: int) -> torch.Tensor:
     """p(r) from final hidden states [rows, d]: the LM head (and the logit soft cap, where the model has one)."""
     logits = lm.model.get_submodule(lm.arch.lm_head)(h)
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    cap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return _probs(logits, r)
