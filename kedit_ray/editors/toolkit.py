@@ -242,13 +242,13 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
             tok_nll = -lp.gather(1, part.loss_tok.to(lp.device)[:, None])[:, 0]
             # mean NLL per request: average over its tokens (all its prompts share the target length)
             loss_req = part.loss_req.to(lp.device)
-            per_req = torch.zeros(n_req, device=lp.device).index_add(0, loss_req, tok_nll)
+            per_req = torch.zeros(n_req, device=lp.device, dtype=tok_nll.dtype).index_add(0, loss_req, tok_nll)
             per_req = per_req / torch.bincount(part.loss_req, minlength=n_req).clamp_min(1).to(lp.device)
             kl_req = part.row_req[part.kl_rows].to(lp.device)
             kl = torch.nn.functional.kl_div(kl_lp, kl0[kl_req], log_target=True, reduction="none").sum(-1)
             decay = delta.norm(dim=-1) / v0.norm(dim=-1) ** 2
             total = per_req + hp.weight_decay * decay
-            total = total.index_add(0, kl_req, hp.kl_factor * kl)
+            total = total.index_add(0, kl_req, (hp.kl_factor * kl).to(total.dtype))
         nll[live] = per_req.detach().cpu()[live]
         if hp.early_stop:
             live &= nll >= hp.stop_nll

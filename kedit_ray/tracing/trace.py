@@ -138,8 +138,8 @@ def noise_std(lm: LM, texts: list[str]) -> float:
 
 
 def _probs(logits: torch.Tensor, r: int) -> torch.Tensor:
-    """p(r) for each row of [rows, V] logits."""
-    logits = logits.float()
+    """p(r) for each row of [rows, V] logits, in float32 (float64 for a float64 model)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return (logits[:, r] - logits.logsumexp(-1)).exp()
 
 
@@ -246,7 +246,7 @@ def restored_probs(lm: LM, run: Runs, restores: list[Restore], max_rows: int = 2
     h = torch.cat([f.to(dev) for f in finals])
     with torch.no_grad():
         p = torch.cat([_head_probs(lm, h[i:i + max_rows], run.answer) for i in range(0, len(h), max_rows)])
-    out = torch.empty(len(restores))
+    out = torch.empty(len(restores), dtype=p.dtype)
     out[order] = p.view(-1, S).mean(1).cpu()
     return out
 
