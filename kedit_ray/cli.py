@@ -18,7 +18,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from kedit_ray.models.arch import TEMPLATE_FLAGS
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="gemma-3-270m (embedded), a hub id, a directory or a .gguf")
-    p.add_argument("--device-map", default=None, help="accelerate device map: 'auto' or a JSON map")
+    p.add_argument("--device-map", default=None,
+                   help="accelerate device map: 'auto', a JSON map or the path of a JSON file; \"disk\" or \"cpu\" "
+                        "entries offload those modules (default: none, one device)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype (default: float32); k*, v*, C and the solves stay float32/float64")
+    p.add_argument("--max-memory", default=None,
+                   help="accelerate's max_memory per device, JSON or a JSON file, e.g. '{\"0\": \"20GiB\", \"cpu\": "
+                        "\"60GiB\"}' (default: none; given, it implies --device-map auto)")
     g = p.add_argument_group("architecture templates, for models the registry does not know ({} = layer index)")
     for field, flag in TEMPLATE_FLAGS.items():
         g.add_argument(flag, dest=f"tpl_{field}", default=None, metavar="TEMPLATE")
@@ -119,9 +126,23 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from kedit_ray.models import load
     from kedit_ray.requests import EditRequest
 
+    from kedit_ray import export
+
+    if args.save_model:   # refused before any work is done
+        if args.method == "grace":
+            sys.exit(f"kedit edit: --save-model: {export.GRACE_REFUSAL}")
+        try:
+            export.check_out_dir(args.save_model)
+        except FileExistsError as e:
+            sys.exit(f"kedit edit: --save-model: {e}")
+    if args.requests:
+        return _edit_requests(args)
+    if not (args.prompt and args.subject and args.target_new):
+        sys.exit("kedit edit: --prompt, --subject and --target-new are required (or --requests FILE)")
     req = EditRequest(0, args.subject, args.prompt, args.target_new, args.target_true or "").validate("--prompt")
     print(f"[kedit] loading {args.model}", flush=True)
-    lm = load(args.model, device_map=args.device_map, templates=templates(args))
+    lm = load(args.model, device_map=args.device_map, dtype=args.dtype, templates=templates(args),
+              max_memory=args.max_memory)
     prompts = [("prompt", req.text)] + [("paraphrase", p) for p in args.paraphrase or []] + \
               [("neighbour", p) for p in args.neighbor or []]
 
@@ -147,6 +168,43 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.save:
         delta.save(args.save)
         print(f"\nsaved the delta to {args.save}")
+    if args.save_model:
+        print(f"saved the edited model to {export.save_edited(lm, delta, args.save_model)}")
+    return 0
+
+
+def _edit_requests(args: argparse.Namespace) -> int:
+    """`kedit edit --requests FILE`: every request in one delta (MEMIT/AlphaEdit: one batch; others: in turn)."""
+    from kedit_ray import export
+    from kedit_ray.datasets import load_requests
+    from kedit_ray.editors import make_editor
+    from kedit_ray.models import load
+
+    try:
+        requests, _ = load_requests(args.requests, "auto")
+    except (ValueError, OSError) as e:
+        sys.exit(f"kedit edit: --requests: {e}")
+    lm = load(args.model, device_map=args.device_map, dtype=args.dtype, templates=templates(args),
+              max_memory=args.max_memory)
+    delta = export.edit_all(make_editor(args.method, editor_params(args)), lm, requests)
+    print(f"{args.method.upper()}: {len(requests)} edits from {args.requests} in one delta")
+    if args.save:
+        print(f"saved the delta to {delta.save(args.save)}")
+    if args.save_model:
+        print(f"saved the edited model to {export.save_edited(lm, delta, args.save_model)}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from kedit_ray.export import apply_deltas
+
+    try:
+        out = apply_deltas(args.model, args.delta, args.out, args.dtype, args.device_map, args.max_memory,
+                           templates(args))
+    except (ValueError, OSError) as e:
+        print(f"kedit apply: error: {e}", file=sys.stderr)
+        return 2
+    print(f"saved {args.model} with {len(args.delta)} delta(s) applied to {out}")
     return 0
 
 
@@ -154,14 +212,18 @@ def add_edit_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     add_model_args(p)
     add_editor_args(p)
     d = DEMO if demo else {}
-    p.add_argument("--prompt", default=d.get("prompt"), required=not demo, help="template with {} for the subject")
-    p.add_argument("--subject", default=d.get("subject"), required=not demo)
-    p.add_argument("--target-new", default=d.get("target_new"), required=not demo)
+    p.add_argument("--prompt", default=d.get("prompt"), help="template with {} for the subject")
+    p.add_argument("--subject", default=d.get("subject"))
+    p.add_argument("--target-new", default=d.get("target_new"))
     p.add_argument("--target-true", default=d.get("target_true"))
     p.add_argument("--paraphrase", action="append", default=d.get("paraphrase"))
     p.add_argument("--neighbor", action="append", default=d.get("neighbor"))
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--save", default=None, help="write the delta as safetensors")
+    p.add_argument("--save-model", default=None, metavar="DIR",
+                   help="write the edited model as a Hugging Face directory (plain transformers loads it)")
+    p.add_argument("--requests", default=None, metavar="FILE",
+                   help="edit every request in FILE (JSON, JSONL or Parquet) into one delta, instead of --prompt")
 
 
 # ---------------------------------------------------------------- eval / report
@@ -254,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_args(sub.add_parser("edit", help="edit one fact and show top predictions before and after"))
     add_edit_args(sub.add_parser("demo", help="the Space Needle → Goa edit on the default model"), demo=True)
     add_eval_args(sub.add_parser("eval", help="evaluate an editor on a dataset across Ray workers"))
+    p = sub.add_parser("apply", help="apply saved deltas to a model and write it as a Hugging Face directory")
+    add_model_args(p)
+    p.add_argument("--delta", action="append", required=True, help="a delta file (`kedit edit --save`); repeat to "
+                                                                     "apply several, in order")
+    p.add_argument("--out", required=True, help="the directory to write (absent or empty)")
     p = sub.add_parser("report", help="aggregate table and pre/post chart of eval runs")
     p.add_argument("dirs", nargs="+", help="eval --out directories")
     p.add_argument("--png", default=None, help="chart path (default: DIR/report.png of the first DIR)")
@@ -264,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PLUGINS = {"stats": "kedit_ray.stats.command", "trace": "kedit_ray.tracing.command", "train": "kedit_ray.train"}
-COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report}
+COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report, "apply": cmd_apply}
 
 
 def main(argv: list[str] | None = None) -> int:
