@@ -122,11 +122,10 @@ def templates(args: argparse.Namespace) -> dict[str, str]:
 def cmd_edit(args: argparse.Namespace) -> int:
     import torch
 
+    from kedit_ray import export
     from kedit_ray.editors import make_editor
     from kedit_ray.models import load
     from kedit_ray.requests import EditRequest
-
-    from kedit_ray import export
 
     if args.save_model:   # refused before any work is done
         if args.method == "grace":

@@ -190,6 +190,8 @@ def parse_map(value: str | dict | None, what: str) -> str | dict | None:
     ("auto", "balanced", ...). JSON keys that are integers become ints (GPU indices)."""
     if value is None or isinstance(value, dict):
         parsed, where = value, what
+    elif value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
     elif value.strip().startswith("{"):
         where = what
         try:
