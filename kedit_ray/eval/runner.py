@@ -12,11 +12,12 @@ from kedit_ray.requests import EditRequest
 
 class CaseRunner:
     """config: model, method, params (editor hyper-parameters), dataset (picks the scorer), device_map,
-    templates, fluency (bool)."""
+    dtype, max_memory, templates, fluency (bool)."""
 
     def __init__(self, config: dict):
         self.config = config
-        self.lm = load(config["model"], device_map=config.get("device_map"), templates=config.get("templates"))
+        self.lm = load(config["model"], device_map=config.get("device_map"), dtype=config.get("dtype", "float32"),
+                       templates=config.get("templates"), max_memory=config.get("max_memory"))
         self.editor = make_editor(config["method"], config.get("params"))
 
     def scores(self, req: EditRequest, prefix: str = "", pre: dict | None = None) -> dict:
