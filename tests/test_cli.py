@@ -33,6 +33,7 @@ def test_eval_two_workers_then_report(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     text = capsys.readouterr().out
     assert "rome" in text and (out / "report.png").stat().st_size > 1000
+    assert summary["cov"] == "identity" and "C = identity" in text                   # --no-cov, said
     assert main(argv) == 0  # resume: nothing to do, nothing written twice
     assert ds.dataset(str(out / "results"), format="parquet").to_table().num_rows == 2
 

@@ -76,19 +76,28 @@ def test_missing_layer_is_a_clear_error(tiny_lm):
 
 
 def test_rome_on_gemma_demo_and_counterfact(gemma):
-    """The demo edit moves Seattle to Goa, generalises, and keeps Paris; 3 CounterFact cases reach ES 1."""
+    """The demo edit moves Seattle to Goa, generalises, and keeps Paris. On 12 CounterFact cases, with the tests' empty
+    stats cache, the first edit computes C from the shipped corpus and every edit uses it: ES 1 on each case, NS within
+    0.1 of the unedited model's (it fell 1.00 → 0.67 with C = I on 12 unseen cases)."""
     from kedit_ray.datasets import load_requests
 
     rome = Rome()
     pre = counterfact_scores(gemma, REQ)
-    with rome.edit(gemma, REQ).applied(gemma.model):
+    delta = rome.edit(gemma, REQ)
+    assert delta.meta["cov"].endswith(".safetensors")                     # C, not the identity
+    with delta.applied(gemma.model):
         post = counterfact_scores(gemma, REQ)
     assert pre["efficacy_score"] == 0 and post["efficacy_score"] == 1 and post["paraphrase_score"] == 1
     assert post["neighborhood_score"] == 1
-    cases, _ = load_requests(data_file("counterfact-edit.json"), limit=3)
+    cases, _ = load_requests(data_file("counterfact-edit.json"), limit=12)
+    ns, pre_ns = [], []
     for case in cases:
+        pre_ns.append(counterfact_scores(gemma, case)["neighborhood_score"])
         with rome.edit(gemma, case).applied(gemma.model):
-            assert counterfact_scores(gemma, case)["efficacy_score"] == 1.0, case.case_id
+            post = counterfact_scores(gemma, case)
+        assert post["efficacy_score"] == 1.0, case.case_id
+        ns.append(post["neighborhood_score"])
+    assert sum(ns) / len(ns) >= sum(pre_ns) / len(pre_ns) - 0.1
 
 
 def test_rome_computes_c_on_first_use_from_the_shipped_corpus(tiny_lm, tmp_path, monkeypatch, capsys):

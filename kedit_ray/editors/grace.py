@@ -49,7 +49,9 @@ from kedit_ray.requests import EditRequest
 # stream itself) trains in 3-25 steps. At block 8 (residual norm ~5000), last-token queries of different
 # questions are ~330 apart (median nearest), rephrases ~420 from their question, and no position of 98% of
 # unrelated NQ prompts comes within 380 of a key: ε_init = 150 keeps those out.
-DEFAULT = {"gemma-3-270m": {"layer": 8, "eps_init": 150.0}}
+# SmolLM2-135M, measured the same way at its middle block (15 of 30; residual norm ~155): questions ~33 apart, rephrases
+# ~36 from their question, unrelated NQ prompts no closer than 43 at any position; ε_init = 15 keeps the same margins.
+DEFAULT = {"gemma-3-270m": {"layer": 8, "eps_init": 150.0}, "smollm2-135m": {"layer": 15, "eps_init": 15.0}}
 REPLACEMENTS = ("last", "all")
 
 

@@ -111,12 +111,14 @@ def _fmt(v) -> str:
 
 
 def table(summaries: dict[str, dict]) -> str:
-    head = ["run", "method", "cases", "errors"] + [f"{c} pre→post" for c, _ in COLUMNS] + ["s/edit"]
+    head = ["run", "method", "cases", "errors"] + [f"{c} pre→post" for c, _ in COLUMNS] + ["s/edit", "C"]
     lines = [head]
     for run, s in summaries.items():
+        cov = s.get("cov")    # a stats file, several, or "identity" (--no-cov)
         lines.append([run, str(s.get("method")), str(s["cases"]), str(s["errors"])] +
                      [f"{_fmt(s.get('pre_' + k))}→{_fmt(s.get(k))}" for _, k in COLUMNS] +
-                     [_fmt(s.get("seconds_per_edit"))])
+                     [_fmt(s.get("seconds_per_edit")), "-" if cov is None else "C = identity" if cov == "identity"
+                      else "layer stats"])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
 
