@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kedit_ray.models.loading import DEFAULT_MODEL
+from kedit_ray.spec import EvalSpec, ModelSpec, Resources
 
 DEMO = dict(prompt="The {} is located in the city of", subject="Space Needle", target_new="Goa",
             target_true="Seattle", paraphrase=["The Space Needle can be found in the city of"],
@@ -173,10 +174,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="requests file (JSON, JSONL or Parquet)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--skip-invalid", action="store_true", help="report bad records and go on")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=1)
-    p.add_argument("--gpus-per-worker", type=float, default=0)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    Resources.add_arguments(p)
     p.add_argument("--out", required=True)
     p.add_argument("--fluency", action="store_true", help="also greedy-generate and score fluency (slow on CPU)")
     p.add_argument("--retry-errors", action="store_true", help="rerun the cases whose rows hold an error")
@@ -195,22 +193,23 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from kedit_ray.datasets import load_requests
     from kedit_ray.distributed.driver import run_eval
-    from kedit_ray.distributed.sink import ConfigMismatch
+    from kedit_ray.results import ConfigMismatch
 
     requests, problems = load_requests(args.data, args.dataset, args.limit, args.skip_invalid)
     for p in problems:
         print(f"[kedit] skipped: {p}", file=sys.stderr)
     if problems:
         print(f"[kedit] skipped {len(problems)} invalid records, kept {len(requests)}", file=sys.stderr)
-    config = {"model": args.model, "method": args.method, "params": editor_params(args),
-              "device_map": args.device_map, "fluency": args.fluency, "templates": templates(args),
-              "data": str(Path(args.data).resolve()), "dataset": args.dataset}
+    from kedit_ray.io import file_sha256
+
+    spec = EvalSpec(ModelSpec(args.model, templates(args), device_map=args.device_map), args.method,
+                    editor_params(args), args.dataset, str(Path(args.data).resolve()), file_sha256(args.data),
+                    args.fluency, resources=Resources.from_args(args))
     try:
         if args.protocol == "single":
-            summary = run_eval(config, requests, args.out, args.workers, args.cpus_per_worker, args.gpus_per_worker,
-                               address=args.address, retry_errors=args.retry_errors)
+            summary = run_eval(spec, requests, args.out, retry_errors=args.retry_errors)
         else:
-            summary = _eval_protocol(args, config, requests)
+            summary = _eval_protocol(args, spec, requests)
     except ConfigMismatch as e:
         print(f"kedit eval: {e}", file=sys.stderr)
         return 2
@@ -218,8 +217,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_protocol(args: argparse.Namespace, config: dict, requests: list) -> dict:
+def _eval_protocol(args: argparse.Namespace, spec: EvalSpec, requests: list) -> dict:
     """batch / sequential: the held-out cases are the --held-out ones after the edited cases in --data."""
+    from dataclasses import replace
+
     from kedit_ray.datasets import load_requests
     from kedit_ray.distributed.batch import run_protocol_eval
 
@@ -233,10 +234,9 @@ def _eval_protocol(args: argparse.Namespace, config: dict, requests: list) -> di
         held_out = [r for r in more if r.case_id not in edited][:args.held_out]
         if args.limit is None:   # every case would be edited: keep the last --held-out ones apart
             requests, held_out = requests[:-args.held_out] or requests, requests[-args.held_out:]
-    config.update(protocol=args.protocol, batch_size=args.batch_size, checkpoints=args.checkpoints,
-                  held_out=[r.case_id for r in held_out])
-    return run_protocol_eval(config, requests, args.out, args.workers, args.protocol, args.batch_size,
-                             args.checkpoints, held_out, args.cpus_per_worker, args.gpus_per_worker, args.address)
+    spec = replace(spec, protocol=args.protocol, batch_size=args.batch_size, checkpoints=args.checkpoints,
+                   held_out=[r.case_id for r in held_out])
+    return run_protocol_eval(spec, requests, args.out, held_out)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ COLUMNS = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighbo
 
 
 def load_summary(run_dir: str | Path) -> dict:
-    import pyarrow.dataset as ds
+    from kedit_ray.results import read_results   # names and quarantines a damaged part
 
     results = Path(run_dir) / "results"
     if not results.is_dir():
@@ -21,7 +21,7 @@ def load_summary(run_dir: str | Path) -> dict:
     dataset = json.loads(config.read_text()).get("dataset") if config.exists() else None
     from kedit_ray.eval import scorer_name
 
-    return summarize(ds.dataset(str(results), format="parquet").to_table(), scorer_name(dataset))
+    return summarize(read_results(run_dir), scorer_name(dataset))
 
 
 def _fmt(v) -> str:

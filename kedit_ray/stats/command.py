@@ -9,6 +9,7 @@ import json
 import sys
 
 from kedit_ray.models.loading import DEFAULT_MODEL
+from kedit_ray.spec import Resources
 
 
 def parse_layers(text: str) -> list[int]:
@@ -36,11 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=100_000, help="the first N documents")
     p.add_argument("--max-len", type=int, default=None, help="tokens per document (default min(context, 1024))")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
-    p.add_argument("--workers", type=int, default=1, help="Ray StatsWorkers (1: in this process, no Ray)")
-    p.add_argument("--address", default=None, help="join this Ray cluster ('auto', host:port) even with 1 worker")
+    Resources.add_arguments(p)
     p.add_argument("--shard-docs", type=int, default=256, help="documents per shard (the unit of resumption)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="stored dtype (sums are float64)")
     p.add_argument("--cache", default=None, help="stats directory (default $KEDIT_HOME/stats)")
+    p.add_argument("--recompute", action="store_true",
+                   help="compute again a cached or partial file found damaged (default: an error naming it)")
     p.add_argument("--json", action="store_true", help='print {"files": [...]} on stdout')
 
 
@@ -50,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         infos = compute_stats(args.model, args.layers, args.module, args.corpus, args.samples, args.max_len,
                               args.batch_tokens, args.dtype, args.cache, args.workers, args.shard_docs,
-                              address=args.address)
-    except (ValueError, OSError) as e:  # StatsError, CorpusError, a bad argument, a model that is not there
+                              address=args.address, cpus_per_worker=args.cpus_per_worker,
+                              gpus_per_worker=args.gpus_per_worker, recompute=args.recompute)
+    except (ValueError, OSError, RuntimeError) as e:  # StatsError, CorpusError, a bad argument, a missing model, a
+        # worker that could not start or a shard that took down two
         print(f"kedit stats: error: {e}", file=sys.stderr)
         return 2
     if args.json:

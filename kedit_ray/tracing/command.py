@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from kedit_ray.models.loading import DEFAULT_MODEL
+from kedit_ray.spec import Resources
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
@@ -47,9 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="gemma-3-270m (embedded), a hub id, a directory or a .gguf")
     p.add_argument("--data", required=True, help="known facts (the layout of known_1000.json) or any requests file")
     p.add_argument("--limit", type=positive, default=None, help="the first N facts")
-    p.add_argument("--workers", type=positive, default=1, help="Ray TraceWorkers (1: in this process, no Ray)")
-    p.add_argument("--address", default=None, help="join this Ray cluster ('auto', host:port) even with 1 worker")
-    p.add_argument("--cpus-per-worker", type=float, default=1)
+    Resources.add_arguments(p)
     p.add_argument("--out", required=True)
     p.add_argument("--kind", type=parse_kinds, default="hidden,mlp,attn", help="states to restore: hidden,mlp,attn")
     p.add_argument("--window", type=positive, default=10, help="MLP / attention layers restored together")
@@ -63,41 +62,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the layer to edit: the peak of the average MLP effect at the last subject token")
 
 
-class LocalTracer:
-    """The TracePool interface, in this process."""
-
-    def __init__(self, model: str, params):
-        from kedit_ray.models import load
-
-        self.lm, self.params = load(model), params
-
-    def noise_std(self, texts: list[str]) -> float:
-        from kedit_ray.tracing.trace import noise_std
-
-        return noise_std(self.lm, texts)
-
-    def traces(self, facts, sigma: float):
-        from kedit_ray.tracing.trace import trace_known
-
-        return (trace_known(self.lm, f, sigma, self.params) for f in facts)
-
-    def __enter__(self) -> LocalTracer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kedit_ray.datasets import load_known
-    from kedit_ray.distributed.sink import ConfigMismatch, check_config
+    from kedit_ray.distributed.pool import Lost, open_pool
+    from kedit_ray.distributed.trace import TraceWorker
+    from kedit_ray.results import ConfigMismatch, check_config
+    from kedit_ray.spec import ModelSpec
     from kedit_ray.tracing import plots, results
     from kedit_ray.tracing.trace import TraceParams
 
     try:
         facts = load_known(args.data)
+        resources = Resources.from_args(args)
     except (ValueError, OSError) as e:
         print(f"kedit trace: error: {e}", file=sys.stderr)
         return 2
@@ -113,19 +91,16 @@ def run(args: argparse.Namespace) -> int:
     done = results.finished(out)
     todo = [f for f in selected if f.id not in done]
     params = TraceParams(args.kind, args.window, args.samples, args.seed, args.max_rows)
-    if args.workers > 1 or args.address:
-        from kedit_ray.distributed.trace import TracePool
-
-        tracer = TracePool(args.model, params, args.workers, args.address, args.cpus_per_worker)
-    else:
-        tracer = LocalTracer(args.model, params)
     skipped, errors = results.read_skipped(out), {}
-    with tracer:
+    with open_pool(TraceWorker, (ModelSpec(args.model), params), resources, size=max(1, len(todo))) as pool:
         # σ from every prompt of the file, so that it does not depend on --limit
-        sigma = 3 * tracer.noise_std([f.prompt for f in facts]) if args.noise == "auto" else args.noise
+        sigma = 3 * pool.call("noise_std", [f.prompt for f in facts]) if args.noise == "auto" else args.noise
         bar = tqdm(total=len(todo), unit="fact", desc="trace", file=sys.stderr)
-        for trace in tracer.traces(todo, sigma):
-            if trace.error:
+        for fact, trace in pool.stream(todo, "trace", sigma):
+            if isinstance(trace, Lost):
+                errors[fact.id] = f"the fact {trace.message}"
+                print(f"[kedit] fact {fact.id}: {errors[fact.id]}", file=sys.stderr)
+            elif trace.error:
                 errors[trace.fact] = trace.error
                 print(f"[kedit] fact {trace.fact}: {trace.error}", file=sys.stderr)
             elif trace.skipped:
