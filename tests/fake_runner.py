@@ -40,3 +40,4 @@ class FakeRunner:
             raise ValueError(f"case {request.case_id} is bad")
         time.sleep(c.get("sleep", 0.0))
         return fake_row(request.case_id, self.spec.method, self.spec.model.name)
+

@@ -16,7 +16,9 @@ import ray
 
 from kedit_ray.spec import Resources
 
-EPS = 1e-4   # Ray counts resources in units of 1e-4
+def units(x: float) -> int:
+    """A resource amount in Ray's units: 1e-4, a request's fraction truncated (2/3 CPU is 0.6666)."""
+    return math.floor(round(x * 10_000, 6))
 
 
 def fits(nodes: list[dict[str, float]], workers: int, cpus: float, gpus: float) -> int:
@@ -24,7 +26,7 @@ def fits(nodes: list[dict[str, float]], workers: int, cpus: float, gpus: float) 
     (each worker on one node), capped at `workers`."""
     room = 0
     for node in nodes:
-        per = [math.floor((node.get(name, 0.0) + EPS) / need) for name, need in (("CPU", cpus), ("GPU", gpus))
+        per = [units(node.get(name, 0.0)) // units(need) for name, need in (("CPU", cpus), ("GPU", gpus))
                if need > 0]
         room += min(per) if per else workers
     return min(room, workers)
@@ -49,7 +51,7 @@ def connect(resources: Resources) -> Iterator[None]:
     if started and resources.cluster:
         ray.init(address=resources.cluster, logging_level=logging.WARNING)
     elif started:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(resources.workers * cpus - EPS)),
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(units(resources.workers * cpus) / 10_000)),
                  include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
     try:
         check_capacity(resources.workers, cpus, gpus)
