@@ -5,7 +5,9 @@ import argparse
 import json
 import random
 import shlex
+import re
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -197,6 +199,54 @@ def test_killed_run_resumes_without_double_counting(tmp_path, text, tiny_lm, mon
         cb = layer_stats(tiny_lm, b["layer"], cache=tmp_path / "resumed", compute=False, **{
             k: v for k, v in kw.items() if k in ("corpus", "samples", "dtype")})[0]
         assert rel(cb, ca) < 1e-12
+
+
+def test_damaged_partial_or_final_file_is_named_then_recomputed_on_request(tmp_path, text, tiny_lm, tiny_dir,
+                                                                         monkeypatch, capsys):
+    """Two float64 values overwritten in a .partial file are found by its checksum (not resumed silently); with
+    --recompute the run starts over and gives the uninterrupted C. A truncated final file is named, and recomputed
+    on request."""
+    from kedit_ray.stats import compute as compute_mod
+
+    kw = dict(corpus=text, samples=19, dtype="float64", shard_docs=3, batch_tokens=80, progress=False)
+    whole = compute_stats(tiny_lm, [1], cache=tmp_path / "whole", **kw)[0]
+    real, n = compute_mod.accumulate, {"calls": 0}
+
+    def dies_on_third_shard(*a, **k):
+        n["calls"] += 1
+        if n["calls"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(compute_mod, "accumulate", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        compute_stats(tiny_lm, [1], cache=tmp_path / "cut", **kw)
+    monkeypatch.setattr(compute_mod, "accumulate", real)
+    [partial] = (tmp_path / "cut").rglob(".partial.*")
+    data = bytearray(partial.read_bytes())
+    data[-8 * 70:-8 * 68] = struct.pack("<2d", 139.2, -5.0)     # two float64 sums, the header left intact
+    partial.write_bytes(bytes(data))
+    with pytest.raises(StatsError, match=f"{re.escape(str(partial))} are damaged"):
+        compute_stats(tiny_lm, [1], cache=tmp_path / "cut", **kw)
+    again = compute_stats(tiny_lm, [1], cache=tmp_path / "cut", recompute=True, **kw)[0]
+    assert "--recompute: computing it again" in capsys.readouterr().err and again["resumed_shards"] == 0
+    c = lambda cache: layer_stats(tiny_lm, 1, cache=cache, compute=False, corpus=text, samples=19,  # noqa: E731
+                                  dtype="float64")[0]
+    assert rel(c(tmp_path / "cut"), c(tmp_path / "whole")) < 1e-12 and again["count"] == whole["count"]
+
+    argv = ["--model", tiny_dir, "--layers", "1", "--corpus", str(text), "--samples", "19", "--dtype", "float64",
+            "--shard-docs", "3", "--cache", str(tmp_path / "cli"), "--json"]
+    assert run_cli(argv) == 0
+    [made] = json.loads(capsys.readouterr().out)["files"]
+    Path(made).write_bytes(Path(made).read_bytes()[:100])        # truncated, found by the command
+    assert run_cli(argv) == 2
+    assert made in capsys.readouterr().err
+    assert run_cli(argv + ["--recompute"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == [made]
+    from kedit_ray.models import load
+
+    assert rel(layer_stats(load(tiny_dir), 1, corpus=text, samples=19, dtype="float64", cache=tmp_path / "cli",
+                           compute=False)[0], c(tmp_path / "whole")) < 1e-6
 
 
 # ------------------------------------------------------------------ cache and refusals
