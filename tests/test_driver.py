@@ -195,3 +195,26 @@ def test_dead_worker_replaced_and_its_case_requeued(tmp_path, ray_up, deaths):
         assert summary["errors"] == 0 and rows[3]["error"] is None
     else:             # took down two workers: given up, as an error row
         assert summary["errors"] == 1 and "took down 2 workers" in rows[3]["error"]
+
+
+def test_a_run_that_failed_or_did_nothing_locks_nothing(tmp_path):
+    from kedit_ray.distributed.driver import run_eval
+
+    empty = run_eval(spec(workers=1, method="A"), [], tmp_path, progress=False)
+    assert (empty["requested"], empty["cases"], empty["errors"]) == (0, 0, 0)
+    broken = EvalSpec(ModelSpec("toy"), "B", runner="no_such_module:Runner", resources=Resources(1))
+    with pytest.raises(ModuleNotFoundError):
+        run_eval(broken, requests(2), tmp_path, progress=False)
+    summary = run_eval(spec(workers=1, method="C"), requests(2), tmp_path, progress=False)   # the corrected run
+    assert summary["cases"] == 2 and summary["method"] == "C"
+
+
+def test_ray_address_puts_even_one_worker_on_the_cluster(tmp_path, ray_up, monkeypatch):
+    import ray
+
+    from kedit_ray.distributed.driver import run_eval
+
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    run_eval(spec(workers=1), requests(2), tmp_path, progress=False)
+    workers = {r["worker"] for r in read_results(tmp_path).to_pylist()}
+    assert len(workers) == 1 and workers.pop().rsplit(":", 1)[1] != str(os.getpid())   # an actor, not this process

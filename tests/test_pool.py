@@ -48,6 +48,19 @@ def test_resources_defaults_and_checks(monkeypatch):
             Resources(**bad)
 
 
+def test_in_process_worker_takes_every_core(monkeypatch):
+    import torch
+    from fake_worker import FakeWorker
+
+    from kedit_ray.distributed.pool import open_pool
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = torch.get_num_threads()
+    with open_pool(FakeWorker, (), Resources(1)) as pool:
+        assert pool.infos[0].threads == max(1, os.cpu_count() or 1) == torch.get_num_threads()
+    assert torch.get_num_threads() == before                              # given back to the driver
+
+
 def test_in_process_pool_refuses_other_weights():
     from fake_worker import FakeWorker
 
