@@ -30,3 +30,25 @@ class FakeWorker(ModelWorker):
     def count(self, n: int, die: dict | None = None):
         for i in range(n):
             yield self.echo(i, die)
+
+
+class FakeEditor:
+    """What share_covariances asks of an editor: the statistics it needs, and C to use instead of its cache."""
+
+    def __init__(self):
+        self.hp, self.covs = type("Hp", (), {"compute_stats": False})(), None
+
+    def stats_need(self, lm) -> tuple:
+        return ("mlp_out", (1, 2))
+
+    def use_covariances(self, lm, covs: dict) -> None:
+        self.covs = covs
+
+
+class CovWorker(FakeWorker):
+    def __init__(self, index: int, cpus: float, gpus: list | None = None):
+        super().__init__(index, cpus, gpus)
+        self.editor = FakeEditor()
+
+    def covs(self, item) -> tuple:
+        return self.name, self.editor.covs

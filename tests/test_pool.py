@@ -144,3 +144,31 @@ def test_scatter_broadcast_and_generate_survive_a_dead_worker(logical_gpus, tmp_
         die = {"item": 2, "file": str(tmp_path / "generate")}
         values = [v[0] for v in pool.generate("count", 4, die)]
         assert values == [0, 1, 0, 1, 2, 3]                                # started over on another worker
+
+
+def test_driver_resolves_c_once_and_ships_it_to_every_worker(logical_gpus, monkeypatch):
+    """The hook of `kedit eval`: the driver asks one worker what C its editor needs, reads it once (computing what is
+    missing on the pool's own workers), and every worker's editor gets it through the object store."""
+    import sys
+    import types
+
+    from fake_worker import CovWorker
+
+    from kedit_ray.distributed.driver import share_covariances
+    from kedit_ray.distributed.pool import RayPool
+    from kedit_ray.spec import EvalSpec, ModelSpec
+
+    calls = []
+
+    def read_covariances(model, need, compute, pool=None):
+        calls.append((model, need, compute, pool))
+        return {1: ("C1", {"path": "stats/L01"}), 2: ("C2", {"path": "stats/L02"})}
+
+    monkeypatch.setitem(sys.modules, "kedit_ray.editors.covariance",
+                        types.SimpleNamespace(read_covariances=read_covariances))
+    with RayPool(CovWorker, (), Resources(2, cpus_per_worker=0.5), 2) as pool:
+        share_covariances(pool, EvalSpec(ModelSpec("org/model"), "rome"))
+        got = dict(pool.scatter(["a", "b"], "covs"))
+    assert calls == [("org/model", ("mlp_out", (1, 2)), False, pool)]
+    assert len(got) == 2 and all(c == {1: ("C1", {"path": "stats/L01"}), 2: ("C2", {"path": "stats/L02"})}
+                                 for c in got.values())

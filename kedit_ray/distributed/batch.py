@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from kedit_ray.distributed.driver import finish, prepare, share_covariances
-from kedit_ray.distributed.pool import Lost, open_pool
+from kedit_ray.distributed.pool import Lost, PoolError, open_pool
 from kedit_ray.distributed.worker import Applied, ModelWorker
 from kedit_ray.editors import Delta, make_editor
 from kedit_ray.editors.memit import spread
@@ -152,7 +152,7 @@ def _score(run: Run, cases: list[EditRequest], applied: Applied, pre: dict[int, 
         for chunk, result in run.pool.stream(chunks, "scores", applied):
             if isinstance(result, Lost):
                 for r, _ in chunk:
-                    yield r, None, None, f"RuntimeError: scoring {result.message}"
+                    yield r, None, None, f"scoring {result.message}"
             else:
                 worker, scores = result
                 for (r, _), s in zip(chunk, scores):
@@ -171,7 +171,7 @@ def _pre_scores(run: Run, requests: list[EditRequest], fingerprint: str) -> dict
     saved = len(have)
     for r, s, _, error in _score(run, todo, Applied(), None, "pre-edit scores", "pre"):
         if error is not None:
-            raise RuntimeError(f"pre-edit scores of case {r.case_id}: {error}")
+            raise PoolError(f"pre-edit {error} (case {r.case_id})")
         have[r.case_id] = s
         if len(have) - saved >= 100:
             store.write(have, fingerprint)
@@ -379,9 +379,10 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
     if whole_on_one and spec.resources.workers > 1:
         print(f"[kedit] a sequential {spec.method} run edits on one worker (each edit depends on the last): "
               "loading one", flush=True)
+    size = 1 if whole_on_one else len(requests) if split else len(todo)   # no worker without work
     try:
         if todo:
-            with open_pool(BatchWorker, (spec,), spec.resources, size=1 if whole_on_one else len(requests)) as pool, \
+            with open_pool(BatchWorker, (spec,), spec.resources, size=size) as pool, \
                     PartWriter(out) as writer:
                 share_covariances(pool, spec)
                 run = Run(pool, spec, editor, out, writer, progress)

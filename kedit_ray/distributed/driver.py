@@ -69,13 +69,12 @@ class EditWorker(ModelWorker):
 def share_covariances(pool, spec: EvalSpec) -> None:
     """Resolve the editor's C once, here (its missing layer statistics summed by the pool's own workers), and hand
     it to every worker through the object store: a worker on a node whose stats cache is empty uses it too."""
-    need = pool.call("stats_need")
-    if need is None:
+    found = pool.call("stats_need")
+    if found is None:
         return
-    from kedit_ray.editors import make_editor
     from kedit_ray.editors.covariance import read_covariances
 
-    compute = getattr(make_editor(spec.method, spec.params).hp, "compute_stats", True)
+    need, compute = found
     covs = read_covariances(spec.model.name, need, compute, pool=pool)
     pool.broadcast("use_covariances", pool.put(covs))
 

@@ -49,7 +49,11 @@ class Job:
     item: object     # what the caller gets back beside the result
 
 
-class WorkerStartError(RuntimeError):
+class PoolError(RuntimeError):
+    """The pool cannot go on: no worker could be placed, or an item took down every try."""
+
+
+class WorkerStartError(PoolError):
     """A worker could not start (its constructor raised)."""
 
 
@@ -130,8 +134,14 @@ class RayPool:
         try:
             for i in range(size):
                 self._spawn(i)
-            while self.starting:
-                self._wait_started(None)
+            deadline = time.monotonic() + place_timeout   # then go on with the workers there are (the rest join
+            while self.starting:                          # when placed), or stop if there are none
+                left = deadline - time.monotonic()
+                if left <= 0 and self.info:
+                    break
+                if left <= 0:
+                    raise PoolError(f"none of {size} workers could be placed within {place_timeout:g} s")
+                self._wait_started(min(left, 5.0))
             _check_fingerprints(self.infos, expected)
         except BaseException:
             self.close()
@@ -206,8 +216,8 @@ class RayPool:
                 alone_since = alone_since or time.monotonic()
                 left = self.place_timeout - (time.monotonic() - alone_since)
                 if left <= 0:
-                    raise RuntimeError(f"no worker left, and none could be placed within {self.place_timeout:g} s; "
-                                       "the work done so far is saved: rerun the same command to resume")
+                    raise PoolError(f"no worker left, and none could be placed within {self.place_timeout:g} s; "
+                                    "the work done so far is saved: rerun the same command to resume")
                 self._wait_started(min(left, 5.0))
                 continue
             alone_since = None
@@ -239,14 +249,14 @@ class RayPool:
         """[`method(share, *args)` for each share], all finished (a barrier); a lost share reruns elsewhere."""
         out = dict(self._run(Job(i, method, (share, *args), i) for i, share in enumerate(shares)))
         if lost := [r.message for r in out.values() if isinstance(r, Lost)]:
-            raise RuntimeError(f"a share of {method} {lost[0]}")
+            raise PoolError(f"a share of {method} {lost[0]}")
         return [out[i] for i in range(len(shares))]
 
     def call(self, method: str, *args):
         """`method(*args)` on one worker (another if it dies)."""
         [(_, result)] = list(self._run([Job(0, method, args, None)]))
         if isinstance(result, Lost):
-            raise RuntimeError(f"{method} {result.message}")
+            raise PoolError(f"{method} {result.message}")
         return result
 
     def broadcast(self, method: str, *args) -> None:
@@ -273,7 +283,7 @@ class RayPool:
             except RayActorError as exc:
                 self._lose(actor)
                 if attempt + 1 == MAX_DEATHS:
-                    raise RuntimeError(f"{method} took down {MAX_DEATHS} workers: {_line(exc)}") from None
+                    raise PoolError(f"{method} took down {MAX_DEATHS} workers: {_line(exc)}") from None
                 continue
             self.idle.append(actor)
             return

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kedit_ray.distributed.pool import Lost, open_pool
+from kedit_ray.distributed.pool import Lost, PoolError, open_pool
 from kedit_ray.distributed.worker import ModelWorker
 from kedit_ray.models import LM
 from kedit_ray.spec import ModelSpec, Resources
@@ -36,7 +36,7 @@ def sum_shards(pool, todo: Iterator[tuple[int, list[str]]], layers: list[int], m
     """(shard, its partial sums) in the order they finish."""
     for (shard, _), result in pool.stream(todo, "stats_shard", layers, module, max_len, batch_tokens):
         if isinstance(result, Lost):
-            raise RuntimeError(f"stats shard {shard} {result.message}; the shards summed so far are saved, rerun to "
+            raise PoolError(f"stats shard {shard} {result.message}; the shards summed so far are saved, rerun to "
                                "resume")
         _, sums, count, docs = result
         yield shard, Partial({layer: torch.from_numpy(s.copy()) for layer, s in sums.items()}, count, docs)

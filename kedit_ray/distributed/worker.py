@@ -68,8 +68,11 @@ def ref_id(ref) -> str:
 
 
 def fetch(ref):
-    """The object behind a ref (an ObjectRef or a LocalRef)."""
-    return ref.value if isinstance(ref, LocalRef) else ray.get(ref)
+    """The object behind a ref: a LocalRef's value, an ObjectRef's object (Ray hands a ref given as an argument
+    itself over already fetched: that object as it is)."""
+    if isinstance(ref, LocalRef):
+        return ref.value
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,13 @@ class ModelWorker:
         part = accumulate(self.lm, layers, module, docs, max_len, batch_tokens)
         return shard, {layer: s.numpy() for layer, s in part.sums.items()}, part.count, part.docs
 
-    def stats_need(self):
-        """The layer statistics this worker's editor reads (None: it reads none)."""
-        need = getattr(self.editor, "stats_need", None)
-        return need(self.lm) if need is not None else None
+    def stats_need(self) -> tuple | None:
+        """(the layer statistics this worker's editor reads, whether missing ones may be computed); None when it
+        reads none (--no-cov, an editor without C)."""
+        need = self.editor.stats_need(self.lm) if hasattr(self.editor, "stats_need") else None
+        return None if need is None else (need, getattr(self.editor.hp, "compute_stats", True))
 
     def use_covariances(self, ref) -> None:
-        """Make the editor use the C the driver resolved (`ref`: {layer: (C, info)}), never its node's cache."""
+        """Make the editor use the C the driver resolved ({layer: (C, info)} in the object store), never its
+        node's cache."""
         self.editor.use_covariances(self.lm, fetch(ref))
