@@ -3,8 +3,10 @@ result is valid requests or an error naming the file (for a bad record: the file
 another exception, and `kedit eval` writes nothing under --out for a file it refuses."""
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,16 @@ def files(draw) -> tuple[str, bytes]:
     return suffix, data
 
 
+@contextlib.contextmanager
+def written(file: tuple[str, bytes], stem: str) -> Iterator[Path]:
+    """The drawn file on disk, in a folder of its own (deleted after)."""
+    suffix, data = file
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{stem}{suffix}"
+        path.write_bytes(data)
+        yield path
+
+
 def check_error(e: BaseException, path: Path) -> None:
     """An expected loader error: a ValueError naming the file; a bad record also by its index and field."""
     assert isinstance(e, ValueError), f"{type(e).__name__}: {e}"
@@ -81,10 +93,7 @@ def check_error(e: BaseException, path: Path) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(files(), st.sampled_from(["auto", "counterfact", "zsre", "user"]), st.booleans())
 def test_request_files_give_requests_or_a_named_error(file, dataset, skip_invalid):
-    suffix, data = file
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"requests{suffix}"
-        path.write_bytes(data)
+    with written(file, "requests") as path:
         try:
             requests, problems = load_requests(path, dataset, skip_invalid=skip_invalid)
         except Exception as e:  # noqa: BLE001 - the property: only named ValueErrors
@@ -101,10 +110,7 @@ def test_request_files_give_requests_or_a_named_error(file, dataset, skip_invali
 @settings(max_examples=150, deadline=None)
 @given(files())
 def test_fact_files_give_facts_or_a_named_error(file):
-    suffix, data = file
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"facts{suffix}"
-        path.write_bytes(data)
+    with written(file, "facts") as path:
         try:
             load_known(path)
         except Exception as e:  # noqa: BLE001
@@ -116,10 +122,8 @@ def test_fact_files_give_facts_or_a_named_error(file):
 def test_eval_writes_nothing_for_a_file_it_refuses(file):
     from kedit_ray.cli import main
 
-    suffix, data = file
-    with tempfile.TemporaryDirectory() as tmp:
-        path, out = Path(tmp) / f"requests{suffix}", Path(tmp) / "out"
-        path.write_bytes(data)
+    with written(file, "requests") as path:
+        out = path.parent / "out"
         try:
             load_requests(path)
         except ValueError:
