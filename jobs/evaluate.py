@@ -4,9 +4,9 @@
         python jobs/evaluate.py --method rome --data counterfact-edit.json --workers 8 --out /shared/runs/rome
 
 The job's `python` is the head's: start the head (`ray start --head`) with the kedit-ray environment active, or
-name its python absolutely (`-- /path/to/.venv/bin/python jobs/evaluate.py ...`). --data may be relative (it is
-read from the uploaded copy of the working directory); --out must be absolute. The job prints where the results
-went.
+name its python absolutely (`-- /path/to/.venv/bin/python jobs/evaluate.py ...`). Inputs may be relative (they
+are read from the uploaded copy of the working directory); outputs (--out, and `stats`' --cache) must be
+absolute. The job prints where the results went.
 """
 from __future__ import annotations
 
@@ -17,17 +17,22 @@ from paths import absolute_inputs, refuse_relative_outputs
 
 from kedit_ray.cli import main
 
+INPUTS = {"eval": ("--data", "--editor-checkpoint", "--stats-corpus"), "stats": ("--corpus",)}
+OUTPUTS = {"eval": ("--out",), "stats": ("--cache",)}
 
-def job_argv(argv: list[str]) -> list[str]:
-    """`kedit eval` arguments: --data absolute, --out refused when relative, --address auto unless one is given."""
-    refuse_relative_outputs(argv, ("--out",), "jobs/evaluate.py")
-    argv = absolute_inputs(argv, ("--data", "--editor-checkpoint", "--stats-corpus"))
+
+def job_argv(command: str, argv: list[str]) -> list[str]:
+    """`kedit COMMAND` arguments: inputs made absolute, a relative output refused, --address auto unless one is
+    given."""
+    refuse_relative_outputs(argv, OUTPUTS[command], f"jobs ({command})")
+    argv = absolute_inputs(argv, INPUTS[command])
     if any(a == "--address" or a.startswith("--address=") for a in argv):
-        return ["eval", *argv]
-    return ["eval", "--address", "auto", *argv]
+        return [command, *argv]
+    return [command, "--address", "auto", *argv]
 
 
 def out_of(argv: list[str]) -> Path | None:
+    """The value of --out in `argv`."""
     for i, arg in enumerate(argv):
         if arg.startswith("--out="):
             return Path(arg.partition("=")[2])
@@ -37,7 +42,7 @@ def out_of(argv: list[str]) -> Path | None:
 
 
 if __name__ == "__main__":
-    args = job_argv(sys.argv[1:])
+    args = job_argv("eval", sys.argv[1:])
     code = main(args)
     if (out := out_of(args)) is not None:
         print(f"results: {out / 'results'} (summary: {out / 'summary.json'})", flush=True)

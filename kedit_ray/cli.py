@@ -1,66 +1,68 @@
-"""The `kedit` command: edit, eval, report, stats, trace, train, demo."""
+"""The `kedit` command: edit, eval, report, stats, trace, train, demo.
+
+Expected errors (bad input, bad settings, a missing model, damaged files) are printed as one line,
+`kedit COMMAND: error: ...`, with exit status 2 (1 when a run went through but every case failed);
+`--debug` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
 import sys
+import traceback
+from collections import Counter
 from pathlib import Path
 
-from kedit_ray.models.loading import DEFAULT_MODEL
-from kedit_ray.spec import EvalSpec, ModelSpec, Resources
+from kedit_ray.options import (HelpFormatter, UsageError, add_model_args, add_ray_args, count, ints, layers, positive,
+                               templates)
 
 DEMO = dict(prompt="The {} is located in the city of", subject="Space Needle", target_new="Goa",
             target_true="Seattle", paraphrase=["The Space Needle can be found in the city of"],
             neighbor=["The Eiffel Tower is located in the city of"])
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    from kedit_ray.models.arch import TEMPLATE_FLAGS
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help="gemma-3-270m (embedded), a hub id, a directory or a .gguf")
-    p.add_argument("--device-map", default=None, help="accelerate device map: 'auto' or a JSON map")
-    g = p.add_argument_group("architecture templates, for models the registry does not know ({} = layer index)")
-    for field, flag in TEMPLATE_FLAGS.items():
-        g.add_argument(flag, dest=f"tpl_{field}", default=None, metavar="TEMPLATE")
-
-
 def add_editor_args(p: argparse.ArgumentParser) -> None:
     from kedit_ray.editors import EDITORS
 
     g = p.add_argument_group("editor (an option applies to the methods whose parameters have it)")
-    g.add_argument("--method", default="rome", choices=sorted(EDITORS))
+    g.add_argument("--method", default="rome", choices=sorted(EDITORS), help="the editor")
     g.add_argument("--layer", type=int, default=None, help="layer to edit (default: measured per model)")
-    g.add_argument("--layers", type=_ints, default=None, help="MEMIT/AlphaEdit: layers to edit, e.g. 3,4,5,6")
+    g.add_argument("--layers", type=layers, default=None,
+                   help="MEMIT/AlphaEdit: layers to edit, e.g. 3,4,5,6 or 3-6 (default: measured per model)")
     g.add_argument("--mom2-weight", type=float, default=None,
-                   help="MEMIT/AlphaEdit: λ, the weight of C (the paper: 15000; gemma-3-270m: 200)")
+                   help="MEMIT/AlphaEdit: λ, the weight of C (default: the paper's 15000; gemma-3-270m: 200)")
     g.add_argument("--z-module", choices=["layer", "mlp_out"], default=None,
                    help="MEMIT/AlphaEdit: z is the residual leaving the last layer (the paper) or, one layer only, "
-                        "its MLP output before any norm (ROME's v*; the default for gemma-3-270m)")
+                        "its MLP output before any norm (ROME's v*) (default: mlp_out for gemma-3-270m, else layer)")
     g.add_argument("--nullspace-threshold", type=float, default=None,
-                   help="AlphaEdit: eigenvalues of C below this span the preserved null space (2e-2)")
-    g.add_argument("--eps-init", type=float, default=None, help="GRACE: ε_init, the radius of a new key")
+                   help="AlphaEdit: eigenvalues of C below this span the preserved null space (default: 2e-2)")
+    g.add_argument("--eps-init", type=float, default=None,
+                   help="GRACE: ε_init, the radius of a new key (default: measured per model; required for others)")
     g.add_argument("--replacement", choices=["last", "all"], default=None,
-                   help="GRACE: replace the wrapped layer's output at the last prompt token or at all of them")
-    g.add_argument("--norm-constraint", type=float, default=None, help="FT-L: ε, the bound on ||ΔW||∞")
-    g.add_argument("--editor-checkpoint", default=None, help="KE/MEND: the trained network (a `kedit train --out` DIR)")
-    g.add_argument("--no-cov", action="store_true", help="use C = I instead of the layer statistics")
-    g.add_argument("--stats-corpus", default=None, help="corpus for C (default: any cached stats for the layer)")
-    g.add_argument("--stats-samples", type=int, default=None, help="documents of the corpus for C (10000)")
-    g.add_argument("--stats-max-len", type=int, default=None, help="tokens per document for C (min(context, 1024))")
-    g.add_argument("--no-compute-stats", action="store_true", help="fail instead of computing missing stats")
-    g.add_argument("--v-steps", type=int, default=None,
-                   help="max gradient steps for v* (MEMIT: z; GRACE: a codebook value; FT/FT-L: ΔW)")
-    g.add_argument("--v-lr", type=float, default=None, help="Adam's learning rate for the same")
+                   help="GRACE: replace the wrapped layer's output at the last prompt token or at all of them "
+                        "(default: last)")
+    g.add_argument("--norm-constraint", type=float, default=None,
+                   help="FT-L: ε, the bound on ||ΔW||∞ (default: 5e-4)")
+    g.add_argument("--editor-checkpoint", default=None,
+                   help="KE/MEND: the trained network, a `kedit train --out` directory (required for ke, mend)")
+    g.add_argument("--no-cov", action="store_true",
+                   help="ROME/MEMIT/AlphaEdit: C = I instead of the layer statistics (results then say C = identity)")
+    g.add_argument("--stats-corpus", default=None,
+                   help="corpus for C (default: the WikiText-2 test split shipped with kedit; computed on first use "
+                        "and cached, the same file `kedit stats` makes with its defaults)")
+    g.add_argument("--stats-samples", type=positive, default=None,
+                   help="documents of that corpus for C (default: 100000, i.e. all of the shipped corpus)")
+    g.add_argument("--stats-max-len", type=positive, default=None,
+                   help="tokens per document for C (default: min(model context, 1024))")
+    g.add_argument("--no-compute-stats", action="store_true",
+                   help="fail, naming the `kedit stats` command, instead of computing missing statistics")
+    g.add_argument("--v-steps", type=positive, default=None,
+                   help="max gradient steps for v* (MEMIT: z; GRACE: a codebook value; FT/FT-L: ΔW) "
+                        "(default: the method's)")
+    g.add_argument("--v-lr", type=float, default=None, help="Adam's learning rate for the same (default: the method's)")
     g.add_argument("--v-clamp", type=float, default=None,
                    help="bound on ||δ|| in units of ||v0|| (default: measured per model, else the paper's 4)")
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 # params field -> (argparse dest, flag); None values are left to the editor's defaults
@@ -92,7 +94,7 @@ def editor_params(args: argparse.Namespace) -> dict:
         if value is None:
             continue
         if name not in have:
-            sys.exit(f"kedit: {flag} does not apply to --method {args.method}")
+            raise UsageError(f"{flag} does not apply to --method {args.method}")
         out[name] = value
     values = {k: v for k, v in (("steps", args.v_steps), ("lr", args.v_lr), ("clamp_norm", args.v_clamp))
               if v is not None}
@@ -103,12 +105,26 @@ def editor_params(args: argparse.Namespace) -> dict:
     elif {"steps", "lr"} <= have and "clamp_norm" not in values:   # GRACE, FT: their own gradient steps
         out.update(values)
     else:
-        sys.exit(f"kedit: --v-steps/--v-lr/--v-clamp do not apply to --method {args.method}")
+        raise UsageError(f"--v-steps/--v-lr/--v-clamp do not apply to --method {args.method}")
     return out
 
 
-def templates(args: argparse.Namespace) -> dict[str, str]:
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("tpl_") and v}
+def make_checked_editor(args: argparse.Namespace):
+    """The editor the options describe, its settings checked for --model before any model is loaded; a setting
+    error names its flag."""
+    from kedit_ray.editors import make_editor
+    from kedit_ray.errors import SettingError
+
+    flags = {name: flag for name, (_, flag) in EDITOR_OPTIONS.items()}
+    try:
+        editor = make_editor(args.method, editor_params(args))
+        if hasattr(editor, "check_settings"):
+            editor.check_settings(args.model)
+    except SettingError as e:
+        raise UsageError(f"{flags.get(e.param, e.param)}: {e.reason}") from None
+    except TypeError as e:   # a parameter the method does not take
+        raise UsageError(f"--method {args.method}: {e}") from None
+    return editor
 
 
 # ---------------------------------------------------------------- edit / demo
@@ -116,11 +132,16 @@ def templates(args: argparse.Namespace) -> dict[str, str]:
 def cmd_edit(args: argparse.Namespace) -> int:
     import torch
 
-    from kedit_ray.editors import make_editor
     from kedit_ray.models import load
-    from kedit_ray.requests import EditRequest
+    from kedit_ray.models.loading import check_model
+    from kedit_ray.requests import EditRequest, InvalidRecord
 
-    req = EditRequest(0, args.subject, args.prompt, args.target_new, args.target_true or "").validate("--prompt")
+    try:
+        req = EditRequest(0, args.subject, args.prompt, args.target_new, args.target_true or "").validate()
+    except InvalidRecord as e:
+        raise UsageError(f"--{e.field.replace('_', '-')}: {e.reason}") from None
+    editor = make_checked_editor(args)
+    check_model(args.model)
     print(f"[kedit] loading {args.model}", flush=True)
     lm = load(args.model, device_map=args.device_map, templates=templates(args))
     prompts = [("prompt", req.text)] + [("paraphrase", p) for p in args.paraphrase or []] + \
@@ -134,7 +155,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
         return [(lm.tok.decode(t), v) for v, t in zip(p.tolist(), i.tolist())]
 
     before = [top(t) for _, t in prompts]
-    editor = make_editor(args.method, editor_params(args))
     delta = editor.edit(lm, req)
     with delta.applied(lm.model):
         after = [top(t) for _, t in prompts]
@@ -156,13 +176,15 @@ def add_edit_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     add_editor_args(p)
     d = DEMO if demo else {}
     p.add_argument("--prompt", default=d.get("prompt"), required=not demo, help="template with {} for the subject")
-    p.add_argument("--subject", default=d.get("subject"), required=not demo)
-    p.add_argument("--target-new", default=d.get("target_new"), required=not demo)
-    p.add_argument("--target-true", default=d.get("target_true"))
-    p.add_argument("--paraphrase", action="append", default=d.get("paraphrase"))
-    p.add_argument("--neighbor", action="append", default=d.get("neighbor"))
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--save", default=None, help="write the delta as safetensors")
+    p.add_argument("--subject", default=d.get("subject"), required=not demo, help="s, the subject")
+    p.add_argument("--target-new", default=d.get("target_new"), required=not demo, help="o*, the new object")
+    p.add_argument("--target-true", default=d.get("target_true"), help="o, the true object (default: none)")
+    p.add_argument("--paraphrase", action="append", default=d.get("paraphrase"),
+                   help="a paraphrase of the prompt whose predictions to show (repeatable; default: none)")
+    p.add_argument("--neighbor", action="append", default=d.get("neighbor"),
+                   help="an unrelated prompt that must keep its answer (repeatable; default: none)")
+    p.add_argument("--top-k", type=positive, default=5, help="predictions shown per prompt")
+    p.add_argument("--save", default=None, help="write the delta as safetensors to this path (default: not saved)")
 
 
 # ---------------------------------------------------------------- eval / report
@@ -170,73 +192,119 @@ def add_edit_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_editor_args(p)
-    p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre", "user"])
+    p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre", "user"],
+                   help="the layout of --data and the metrics (auto: from the first record's keys)")
     p.add_argument("--data", required=True, help="requests file (JSON, JSONL or Parquet)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=count, default=None, help="the first N valid records (default: all)")
     p.add_argument("--skip-invalid", action="store_true", help="report bad records and go on")
-    Resources.add_arguments(p)
-    p.add_argument("--out", required=True)
+    add_ray_args(p, "eval")
+    p.add_argument("--out", required=True, help="run directory: results/, summary.json, config.json")
     p.add_argument("--fluency", action="store_true", help="also greedy-generate and score fluency (slow on CPU)")
     p.add_argument("--retry-errors", action="store_true", help="rerun the cases whose rows hold an error")
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", default="single", choices=["single", "batch", "sequential"],
                    help="single: edit, score, revert per case; batch: B edits at once, then score them; "
                         "sequential: batches applied one after another, scored at checkpoints")
-    g.add_argument("--batch-size", type=int, default=1, help="B, edits per batch (batch and sequential)")
-    g.add_argument("--checkpoints", type=_ints, default=None,
-                   help="sequential: numbers of edits at which to score, e.g. 10,100,1000 (the end is always one)")
-    g.add_argument("--held-out", type=int, default=100,
-                   help="sequential: unrelated cases (the ones after the edited cases in --data) scored at each "
-                        "checkpoint for TRR")
+    g.add_argument("--batch-size", type=positive, default=1, help="B, edits per batch (batch and sequential)")
+    g.add_argument("--checkpoints", type=ints, default=None,
+                   help="sequential: numbers of edits at which to score, e.g. 10,100,1000 (default: the end only, "
+                        "which is always one)")
+    g.add_argument("--held-out", type=count, default=None,
+                   help="sequential: unrelated cases scored at each checkpoint for TRR, the ones right after the "
+                        "edited cases in --data (default: a fifth of the valid records, at most 100)")
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _requests(args: argparse.Namespace, limit: int | None) -> list:
+    """The valid requests of --data (the first `limit`), each prompt checked against the model's context."""
+    from transformers import AutoConfig, AutoTokenizer
+
     from kedit_ray.datasets import load_requests
-    from kedit_ray.distributed.driver import run_eval
-    from kedit_ray.results import ConfigMismatch
+    from kedit_ray.datasets.load import fits_context
+    from kedit_ray.models.loading import check_model
+    from kedit_ray.stats.cache import context_length
 
-    requests, problems = load_requests(args.data, args.dataset, args.limit, args.skip_invalid)
+    path = check_model(args.model)   # a model that is not there fails here, in seconds, before any worker
+    config = AutoConfig.from_pretrained(path)
+    context = context_length(getattr(config, "text_config", None) or config)
+    requests, problems = load_requests(args.data, args.dataset, limit, args.skip_invalid,
+                                       check=fits_context(AutoTokenizer.from_pretrained(path), context))
     for p in problems:
         print(f"[kedit] skipped: {p}", file=sys.stderr)
     if problems:
         print(f"[kedit] skipped {len(problems)} invalid records, kept {len(requests)}", file=sys.stderr)
+    if not requests:
+        raise UsageError(f"{args.data}: no valid records" + (f" (--skip-invalid skipped {len(problems)})"
+                                                             if problems else ""))
+    return requests
+
+
+def split_held_out(requests: list, limit: int | None, held_out: int | None) -> tuple[list, list]:
+    """(edited, held out) for the sequential protocol: the held-out cases are the `held_out` valid records right
+    after the edited ones (default: a fifth of the records, at most 100); the edited ones, the first `limit` (all
+    but the held-out ones without a limit, or when the file is too short for both)."""
+    n = len(requests)
+    hold = min(100, n // 5) if held_out is None else held_out
+    edit = min(n if limit is None else limit, n - hold)
+    if edit < 1:
+        raise UsageError(f"--held-out {hold} leaves no case to edit among the {n} valid records")
+    return requests[:edit], requests[edit:edit + hold]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    make_checked_editor(args)
+    if args.fluency and args.protocol != "single":
+        raise UsageError("--fluency is only measured by the single protocol")
+    if args.protocol == "sequential":
+        edited, held_out = split_held_out(_requests(args, None), args.limit, args.held_out)
+        print(f"[kedit] editing {len(edited)} cases, holding out {len(held_out)} for TRR", file=sys.stderr)
+    else:
+        edited, held_out = _requests(args, args.limit), []
+    _writable(args.out)
     from kedit_ray.io import file_sha256
+    from kedit_ray.spec import EvalSpec, ModelSpec, Resources
 
     spec = EvalSpec(ModelSpec(args.model, templates(args), device_map=args.device_map), args.method,
                     editor_params(args), args.dataset, str(Path(args.data).resolve()), file_sha256(args.data),
-                    args.fluency, resources=Resources.from_args(args))
-    try:
-        if args.protocol == "single":
-            summary = run_eval(spec, requests, args.out, retry_errors=args.retry_errors)
-        else:
-            summary = _eval_protocol(args, spec, requests)
-    except ConfigMismatch as e:
-        print(f"kedit eval: {e}", file=sys.stderr)
-        return 2
+                    args.fluency, args.protocol, args.batch_size, args.checkpoints, [r.case_id for r in held_out],
+                    resources=Resources.from_args(args))
+    if args.protocol == "single":
+        from kedit_ray.distributed.driver import run_eval
+
+        summary = run_eval(spec, edited, args.out, retry_errors=args.retry_errors)
+    else:
+        from kedit_ray.distributed.batch import run_protocol_eval
+
+        summary = run_protocol_eval(spec, edited, args.out, held_out)
     print(json.dumps(summary, indent=2))
-    return 0
+    if summary.get("cov") == "identity":
+        print("[kedit] C = identity (--no-cov): ROME/MEMIT/AlphaEdit updates were not weighed by layer statistics",
+              file=sys.stderr)
+    return _outcome(args.out, summary)
 
 
-def _eval_protocol(args: argparse.Namespace, spec: EvalSpec, requests: list) -> dict:
-    """batch / sequential: the held-out cases are the --held-out ones after the edited cases in --data."""
-    from dataclasses import replace
+def _writable(out: str) -> None:
+    """--out can be made and written to (checked before any model loads)."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".kedit-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
-    from kedit_ray.datasets import load_requests
-    from kedit_ray.distributed.batch import run_protocol_eval
 
-    if args.fluency:
-        sys.exit("kedit: --fluency is only measured by the single protocol")
-    held_out = []
-    if args.protocol == "sequential" and args.held_out > 0:
-        more, _ = load_requests(args.data, args.dataset, None if args.limit is None else args.limit + args.held_out,
-                                args.skip_invalid)
-        edited = {r.case_id for r in requests}
-        held_out = [r for r in more if r.case_id not in edited][:args.held_out]
-        if args.limit is None:   # every case would be edited: keep the last --held-out ones apart
-            requests, held_out = requests[:-args.held_out] or requests, requests[-args.held_out:]
-    spec = replace(spec, protocol=args.protocol, batch_size=args.batch_size, checkpoints=args.checkpoints,
-                   held_out=[r.case_id for r in held_out])
-    return run_protocol_eval(spec, requests, args.out, held_out)
+def _outcome(out: str, summary: dict) -> int:
+    """0, or 1 with a one-line reason when every case of the run failed."""
+    from kedit_ray.results import read_results
+
+    if not summary.get("rows") or summary.get("errors", 0) < summary["rows"]:
+        return 0
+    errors = Counter(e for e in read_results(out, ["error"])["error"].to_pylist() if e)
+    (message, n), = errors.most_common(1)
+    print(f"kedit eval: error: every case failed ({summary['errors']} of {summary['rows']}); "
+          f"{'e.g.' if len(errors) > 1 else 'all with'}: {message}", file=sys.stderr)
+    return 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -249,17 +317,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kedit", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser = argparse.ArgumentParser(prog="kedit", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_edit_args(sub.add_parser("edit", help="edit one fact and show top predictions before and after"))
-    add_edit_args(sub.add_parser("demo", help="the Space Needle → Goa edit on the default model"), demo=True)
-    add_eval_args(sub.add_parser("eval", help="evaluate an editor on a dataset across Ray workers"))
-    p = sub.add_parser("report", help="aggregate table and pre/post chart of eval runs")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, parents=[common], formatter_class=HelpFormatter)
+
+    add_edit_args(command("edit", "edit one fact and show top predictions before and after"))
+    add_edit_args(command("demo", "the Space Needle → Goa edit on the default model"), demo=True)
+    add_eval_args(command("eval", "evaluate an editor on a dataset across Ray workers"))
+    p = command("report", "aggregate table and pre/post chart of eval runs")
     p.add_argument("dirs", nargs="+", help="eval --out directories")
     p.add_argument("--png", default=None, help="chart path (default: DIR/report.png of the first DIR)")
     for name, module in PLUGINS.items():
         mod = importlib.import_module(module)
-        mod.add_arguments(sub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0]))
+        mod.add_arguments(command(name, (mod.__doc__ or name).strip().splitlines()[0]))
     return parser
 
 
@@ -267,11 +341,30 @@ PLUGINS = {"stats": "kedit_ray.stats.command", "trace": "kedit_ray.tracing.comma
 COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report}
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as one line: a Ray task's remote cause rather than its wrapper, line breaks folded."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    import pyarrow as pa
+
     args = build_parser().parse_args(argv)
-    if args.command in COMMANDS:
-        return COMMANDS[args.command](args)
-    return importlib.import_module(PLUGINS[args.command]).run(args)
+    run = COMMANDS.get(args.command) or importlib.import_module(PLUGINS[args.command]).run
+    try:
+        return run(args)
+    except (ValueError, OSError, pa.ArrowException) as e:   # bad input, settings, files, a missing model
+        if args.debug:
+            traceback.print_exc()
+        print(f"kedit {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kedit {args.command}: interrupted; what was finished is saved, and the same command resumes",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -43,23 +43,26 @@ class EditRequest:
 
         if not isinstance(self.case_id, int) or isinstance(self.case_id, bool):
             bad("case_id", f"expected an integer, got {self.case_id!r}")
-        if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
-            n = self.prompt.count("{}") if isinstance(self.prompt, str) else 0
-            bad("prompt", f"the template must hold exactly one '{{}}' for the subject, found {n}: {self.prompt!r}")
-        if not isinstance(self.subject, str) or not self.subject.strip():
-            bad("subject", "empty subject")
-        for name in ("target_new",):
+        for name in ("prompt", "subject", "target_new"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                bad(name, "empty target")
+            if not isinstance(value, str):
+                bad(name, f"expected a string, got {type(value).__name__} {value!r}")
+            if not value.strip():
+                bad(name, "empty string")
+        if self.prompt.count("{}") != 1:
+            bad("prompt", f"the template must hold exactly one '{{}}' for the subject, found {self.prompt.count('{}')}: "
+                          f"{self.prompt!r}")
         if not isinstance(self.target_true, str):
-            bad("target_true", f"expected a string, got {type(self.target_true).__name__}")
+            bad("target_true", f"expected a string, got {type(self.target_true).__name__} {self.target_true!r}")
         if self.target_true.strip() == self.target_new.strip():
             bad("target_new", f"the new target equals the true one ({self.target_new!r})")
         for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers"):
             value = getattr(self, name)
-            if not isinstance(value, list) or not all(isinstance(x, str) and x.strip() for x in value):
-                bad(name, "expected a list of non-empty strings")
+            if not isinstance(value, list):
+                bad(name, f"expected a list of strings, got {type(value).__name__} {value!r}")
+            for i, x in enumerate(value):
+                if not isinstance(x, str) or not x.strip():
+                    bad(name, f"item {i}: expected a non-empty string, got {x!r}")
         if len(self.neighborhood_answers) != len(self.neighborhood_prompts):
             bad("neighborhood_answers", f"{len(self.neighborhood_answers)} answers for "
                                         f"{len(self.neighborhood_prompts)} neighbourhood prompts")

@@ -67,22 +67,6 @@ class Resources:
         if not self.gpus_per_worker >= 0:
             raise ValueError(f"--gpus-per-worker must be ≥ 0, got {self.gpus_per_worker!r}")
 
-    @staticmethod
-    def add_arguments(p) -> None:
-        """--workers, --cpus-per-worker, --gpus-per-worker, --address: the same in every command."""
-        p.add_argument("--workers", type=int, default=1,
-                       help="model-holding workers; 1 without --address (or $RAY_ADDRESS) runs in this process, "
-                            "without Ray; otherwise Ray actors (default: 1)")
-        p.add_argument("--cpus-per-worker", type=float, default=None,
-                       help="CPUs, and so torch threads, per worker (default: this machine's cores / --workers, "
-                            "1 on a cluster)")
-        p.add_argument("--gpus-per-worker", type=float, default=0,
-                       help="GPUs per worker, fractions shared (0.5: two workers on one GPU); a worker given GPUs "
-                            "puts the model on them (default: 0)")
-        p.add_argument("--address", default=None,
-                       help="Ray cluster to join, 'auto' or host:port (default: $RAY_ADDRESS, else a local Ray on "
-                            "127.0.0.1)")
-
     @classmethod
     def from_args(cls, args) -> Resources:
         return cls(args.workers, args.cpus_per_worker, args.gpus_per_worker, args.address)
@@ -97,12 +81,13 @@ class Resources:
         return self.workers == 1 and self.cluster is None
 
     def cpus(self) -> float:
-        """CPUs per worker: as given, else this machine's cores shared out (local), else 1 (a cluster)."""
+        """CPUs per worker: as given, else this machine's cores divided by the workers (a local Ray, or this
+        process), else 1 (a cluster)."""
         if self.cpus_per_worker is not None:
             return self.cpus_per_worker
         if self.cluster is not None:
             return 1.0
-        return max(1.0, float((os.cpu_count() or 1) // self.workers))
+        return (os.cpu_count() or 1) / self.workers
 
 
 @dataclass

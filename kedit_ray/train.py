@@ -29,6 +29,7 @@ from kedit_ray.editors.learned import (HyperNet, build_rows, check_fingerprint, 
 from kedit_ray.editors.nets import build_net
 from kedit_ray.models import LM, load
 from kedit_ray.models.loading import DEFAULT_MODEL
+from kedit_ray.options import add_ray_args, count, layers, positive, positive_float
 from kedit_ray.requests import EditRequest
 from kedit_ray.spec import Resources
 
@@ -200,46 +201,45 @@ def train_loop(config: dict, lm: LM | None = None, report: Callable[[dict], None
 # ---------------------------------------------------------------- the `kedit train` command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from kedit_ray.stats.command import parse_layers
-
-    p.add_argument("--method", required=True, choices=["ke", "mend"])
+    p.add_argument("--method", required=True, choices=["ke", "mend"], help="the learned editor to train")
     p.add_argument("--model", default=DEFAULT_MODEL, help="gemma-3-270m (embedded), a hub id, a directory or a .gguf")
     p.add_argument("--data", required=True, help="zsRE or CounterFact records (JSON, JSONL or Parquet)")
-    p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre"])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=1, help="requests per worker per step")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam's rate for the network")
-    p.add_argument("--holdout", type=int, default=0, help="leave the first N records out (evaluate on them)")
-    p.add_argument("--layers", type=parse_layers, default=None, help="layers to edit (default: measured per model)")
+    p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre"],
+                   help="the layout of --data (auto: from the first record's keys)")
+    p.add_argument("--steps", type=positive, default=300, help="training steps")
+    p.add_argument("--batch-size", type=positive, default=1, help="requests per worker per step")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="Adam's rate for the network")
+    p.add_argument("--holdout", type=count, default=0, help="leave the first N records out (evaluate on them)")
+    p.add_argument("--layers", type=layers, default=None, help="layers to edit, e.g. 12,13 or 10-13 "
+                                                                "(default: measured per model)")
     p.add_argument("--modules", default="mlp_out", help="which matrices of each layer: mlp_out, mlp_in or both, "
                                                           "comma-separated")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    Resources.add_arguments(p)
+    p.add_argument("--save-every", type=positive, default=50, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation and the data order")
+    add_ray_args(p, "training (data parallel, on Ray Train)")
     p.add_argument("--out", required=True, help="checkpoint directory (a rerun resumes from it)")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from kedit_ray.models.loading import check_model
+
+    resources = Resources.from_args(args)
     net = {"modules": [m.strip() for m in args.modules.split(",") if m.strip()]}
     if args.layers is not None:
         net["layers"] = args.layers
-    try:
-        resources = Resources.from_args(args)
-        config = asdict(TrainConfig(args.method, str(Path(args.data).resolve()), str(Path(args.out).resolve()),
-                                    args.model, args.dataset, args.steps, args.batch_size, args.lr, args.seed,
-                                    args.holdout, args.save_every, int(resources.cpus()), net=net))
-        training_requests(TrainConfig.from_dict(config))          # a data error shows here, before any worker starts
-        if resources.in_process:
-            figures = train_loop(config)
-        else:
-            from kedit_ray.distributed.train import run_train
+    config = asdict(TrainConfig(args.method, str(Path(args.data).resolve()), str(Path(args.out).resolve()),
+                                args.model, args.dataset, args.steps, args.batch_size, args.lr, args.seed,
+                                args.holdout, args.save_every, int(resources.cpus()), net=net))
+    training_requests(TrainConfig.from_dict(config))          # a data error shows here, before any worker starts
+    check_model(args.model)
+    if resources.in_process:
+        figures = train_loop(config)
+    else:
+        from kedit_ray.distributed.train import run_train
 
-            run_train(train_loop, config, resources)
-            figures = read_meta(config["out"])["figures"]
-    except (ValueError, OSError) as e:
-        print(f"kedit train: error: {e}", file=sys.stderr)
-        return 2
+        run_train(train_loop, config, resources)
+        figures = read_meta(config["out"])["figures"]
     print(json.dumps({"out": config["out"], **figures}, indent=2))
     return 0

@@ -68,6 +68,15 @@ def tiny_lm():
     return make_tiny_lm()
 
 
+@pytest.fixture
+def tiny_dir(tmp_path) -> str:
+    """The tiny model saved as a directory, so that it loads by name (CLI, Ray workers)."""
+    lm = make_tiny_lm()
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tok.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
 @pytest.fixture(scope="session")
 def gemma():
     from kedit_ray.models import load

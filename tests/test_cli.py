@@ -9,6 +9,7 @@ import pytest
 
 from kedit_ray.cli import build_parser, editor_params, main
 from kedit_ray.editors import make_editor
+from kedit_ray.options import UsageError
 
 from conftest import data_file
 
@@ -50,5 +51,5 @@ def test_editor_options_reach_each_method():
     assert make_editor("memit", _params("--method", "memit", "--z-module", "layer")).hp.z_module == "layer"
     for wrong in (["--method", "rome", "--eps-init", "1"], ["--method", "ft", "--v-clamp", "2"],
                   ["--method", "memit", "--norm-constraint", "1"]):
-        with pytest.raises(SystemExit, match="not apply to --method"):
+        with pytest.raises(UsageError, match="not apply to --method"):
             _params(*wrong)

@@ -144,12 +144,14 @@ def test_unrecognised_layout_lists_the_layouts(tmp_path):
 @pytest.mark.parametrize("change, field, reason", [
     ({"prompt": "The mother tongue of Michel Rocard is", "subject": "Danielle Darrieux"}, "subject", "is not in"),
     ({"prompt": "The mother tongue of {} {} is"}, "prompt", "found 2"),
-    ({"target_new": "  "}, "target_new", "empty target"),
+    ({"target_new": "  "}, "target_new", "empty string"),
+    ({"target_new": 42}, "target_new", "expected a string, got int 42"),
     ({"target_new": "French"}, "target_new", "equals the true one"),
-    ({"subject": ""}, "subject", "empty subject"),
+    ({"subject": ""}, "subject", "empty string"),
     ({"case_id": "7"}, "case_id", "expected an integer"),
     ({"neighborhood_answers": []}, "neighborhood_answers", "0 answers for 1"),
-    ({"paraphrase_prompts": "Danielle Darrieux spoke"}, "paraphrase_prompts", "list of non-empty strings"),
+    ({"paraphrase_prompts": "Danielle Darrieux spoke"}, "paraphrase_prompts", "expected a list of strings, got str"),
+    ({"paraphrase_prompts": ["ok", ""]}, "paraphrase_prompts", "item 1: expected a non-empty string"),
 ])
 def test_user_record_errors(tmp_path, change, field, reason):
     path = write_jsonl(tmp_path / "r.jsonl", [GOOD, {**GOOD, "case_id": 8, **change}])

@@ -255,3 +255,35 @@ def test_driver_killed_with_all_it_started_then_the_same_command_resumes(tiny_di
     time.sleep(1)
     assert marked(mark) == []                                             # the rerun left no Ray process behind
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_workers_with_an_empty_stats_cache_use_the_c_the_driver_resolved(cluster, tiny_dir, tmp_path, monkeypatch):
+    """Workers whose nodes have no layer statistics (KEDIT_STATS_CACHE empty for them) do not fall back to C = I:
+    the driver computes C once with the pool's own workers (it loads no model itself), into its cache, and ships
+    it to every worker."""
+    import ray
+
+    from kedit_ray.distributed.driver import run_eval
+    from kedit_ray.stats.cache import default_cache
+
+    c, _, _ = cluster
+    empty = tmp_path / "worker-cache"
+    empty.mkdir()
+    ray.shutdown()
+    ray.init(address=c.address, logging_level="WARNING", runtime_env={"env_vars": {"KEDIT_STATS_CACHE": str(empty)}})
+    assert ray.get(ray.remote(lambda: os.environ["KEDIT_STATS_CACHE"]).remote()) == str(empty)
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the driver loaded the model")
+
+    monkeypatch.setattr("kedit_ray.models.load", no_load)
+    text = write_corpus(tmp_path / "corpus.raw")
+    params = {**ROME, "use_cov": True, "stats_corpus": str(text), "stats_samples": 12,
+              "values": {"steps": 4}}
+    summary = run_eval(spec(tiny_dir, "rome", params), cases(4), tmp_path / "out", progress=False)
+    assert summary["complete"] and summary["errors"] == 0
+    covs = {r["cov"] for r in rows_of(tmp_path / "out")}
+    assert len(covs) == 1 and "identity" not in covs
+    [path] = covs
+    assert Path(path).is_file() and Path(path).is_relative_to(default_cache())   # the driver's cache
+    assert list(empty.rglob("*")) == []                                          # the workers' stayed empty

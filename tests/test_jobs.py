@@ -84,4 +84,4 @@ def test_eval_job_as_the_readme_says(head, tmp_path):
     assert sorted(read_results(out)["case_id"].to_pylist()) == [0, 1]
     refused = submit("runs/rome")
     assert refused.returncode != 0
-    assert "jobs/evaluate.py: error: --out runs/rome is relative" in refused.stdout + refused.stderr
+    assert "jobs (eval): error: --out runs/rome is relative" in refused.stdout + refused.stderr

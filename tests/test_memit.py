@@ -159,17 +159,6 @@ def test_alphaedit_without_stats_is_unprojected(tiny_lm):
         Memit(MemitParams(layers=[1])).edit_batch(tiny_lm, [])
 
 
-def test_missing_stats_name_one_command_for_every_layer(tiny_lm, tmp_path, monkeypatch):
-    from kedit_ray.stats import MissingStats
-
-    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the city of Paris is in France\n\nthe Space Needle is in Seattle\n")
-    editor = Memit(MemitParams(layers=[1, 2], stats_corpus=str(corpus), stats_samples=2, compute_stats=False))
-    with pytest.raises(MissingStats, match="--layers 1,2 --module mlp_out"):
-        editor.edit_batch(tiny_lm, REQS[:1])
-
-
 # ------------------------------------------------------------------------------------ the real model
 
 # C from 2000 WikiText paragraphs of ≤ 256 tokens: what this CPU could afford (and the cached stats of the figures)

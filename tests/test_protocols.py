@@ -106,14 +106,6 @@ def test_batching_and_checkpoint_plans():
 
 # ------------------------------------------------------------------------------------ across Ray workers
 
-@pytest.fixture
-def tiny_dir(tiny_lm, tmp_path):
-    path = tmp_path / "tiny"
-    tiny_lm.model.save_pretrained(path)
-    tiny_lm.tok.save_pretrained(path)
-    return path
-
-
 def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, capsys, monkeypatch):
     """2 Ray workers split z, keys and scoring; the driver solves. Same figures as in one process (z are
     per-request and the steps fixed, so the shares do not change them); sequential checkpoints and TRR."""

@@ -88,15 +88,18 @@ def test_rome_on_gemma_demo_and_counterfact(gemma):
             assert counterfact_scores(gemma, case)["efficacy_score"] == 1.0, case.case_id
 
 
-def test_rome_uses_cached_stats_automatically(tiny_lm, tmp_path, monkeypatch):
+def test_rome_computes_c_on_first_use_from_the_shipped_corpus(tiny_lm, tmp_path, monkeypatch, capsys):
+    """With an empty cache the first edit computes C from the shipped corpus (and says so), into exactly the file
+    that `kedit stats` makes with its defaults; the next edit reads it; only --no-cov gives C = I."""
     from kedit_ray.stats import compute_stats
 
     monkeypatch.setenv("KEDIT_STATS_CACHE", str(tmp_path / "stats"))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(conftest_words[i:i + 12]) for i in range(0, 48, 3)))
     params = RomeParams(layer=1, n_prefixes=1, prefix_len=3, values=ValueParams(steps=2))
-    assert Rome(params).edit(tiny_lm, TAIL).meta["cov"] == "identity"       # nothing cached yet: C = I
-    (info,) = compute_stats(tiny_lm, [1], corpus=str(corpus), samples=16, progress=False)
-    assert Rome(params).edit(tiny_lm, TAIL).meta["cov"] == info["path"]      # found without naming the corpus
+    first = Rome(params).edit(tiny_lm, TAIL).meta["cov"]
+    assert "computing it once" in capsys.readouterr().err
+    (info,) = compute_stats(tiny_lm, [1], progress=False)                    # `kedit stats`' defaults
+    assert info["cached"] and first == info["path"] and info["documents"] == 1322
+    assert Rome(params).edit(tiny_lm, TAIL).meta["cov"] == info["path"]
+    assert "computing" not in capsys.readouterr().err
     params.use_cov = False
     assert Rome(params).edit(tiny_lm, TAIL).meta["cov"] == "identity"       # --no-cov

@@ -1,7 +1,6 @@
 """Layer statistics: C against plain hooks, one pass for many layers, resume, cache, refusals, Ray workers."""
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shlex
@@ -18,7 +17,9 @@ import torch
 
 from conftest import WORDS, data_file, make_tiny_lm
 from kedit_ray.stats import MissingStats, StatsError, compute_stats, layer_stats
-from kedit_ray.stats import command, corpus
+from kedit_ray.cli import main
+from kedit_ray.options import layers
+from kedit_ray.stats import corpus
 from kedit_ray.stats.accumulate import pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,23 +65,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kedit stats")
-    command.add_arguments(parser)
-    return command.run(parser.parse_args(argv))
+    return main(["stats", *argv])
 
 
 @pytest.fixture
 def text(tmp_path):
     return write_corpus(tmp_path / "corpus.raw")
-
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    """The tiny model saved as a directory, so that it loads by name (CLI, Ray workers)."""
-    lm = make_tiny_lm()
-    lm.model.save_pretrained(tmp_path / "tiny")
-    lm.tok.save_pretrained(tmp_path / "tiny")
-    return str(tmp_path / "tiny")
 
 
 # ------------------------------------------------------------------ corpus and packing
@@ -126,7 +116,7 @@ def test_command_file_matches_plain_hooks(tmp_path, text, tiny_dir, capsys):
     from kedit_ray.models import load
 
     argv = ["--model", tiny_dir, "--layers", "1,2", "--corpus", str(text), "--samples", "15", "--batch-tokens",
-            "96", "--shard-docs", "4", "--dtype", "float64", "--cache", str(tmp_path / "stats"), "--json"]
+            "96", "--shard-docs", "4", "--stats-dtype", "float64", "--cache", str(tmp_path / "stats"), "--json"]
     assert run_cli(argv) == 0
     files = json.loads(capsys.readouterr().out)["files"]
     lm = load(tiny_dir)
@@ -321,9 +311,7 @@ def test_bad_arguments_are_refused(tmp_path, text, tiny_lm, capsys):
         compute_stats(tiny_lm, [9], corpus=text, samples=4, cache=tmp_path, progress=False)
     with pytest.raises(ValueError, match="module must be one of"):
         compute_stats(tiny_lm, [1], "attn", corpus=text, samples=4, cache=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="needs a corpus"):
-        layer_stats(tiny_lm, 1)
-    assert command.parse_layers("1,3-5") == [1, 3, 4, 5]
+    assert layers("1,3-5") == [1, 3, 4, 5]
     assert run_cli(["--model", "x", "--layers", "1", "--corpus", str(tmp_path / "nope.raw")]) == 2
     assert "nope.raw" in capsys.readouterr().err
 
@@ -355,12 +343,12 @@ def test_workers_agree_and_job_runs(tmp_path, text, tiny_dir, ray_local, capsys)
 
     sys.path.insert(0, str(ROOT / "jobs"))
     try:
-        import precompute_stats
+        from evaluate import job_argv
     finally:
         sys.path.remove(str(ROOT / "jobs"))
-    assert precompute_stats.main(["--model", tiny_dir, "--layers", "0,2", "--corpus", str(text), "--samples", "19",
-                                  "--dtype", "float64", "--shard-docs", "3", "--cache", str(tmp_path / "job"),
-                                  "--workers", "2", "--json"]) == 0
+    assert main(job_argv("stats", ["--model", tiny_dir, "--layers", "0,2", "--corpus", str(text), "--samples", "19",
+                                  "--stats-dtype", "float64", "--shard-docs", "3", "--cache", str(tmp_path / "job"),
+                                  "--workers", "2", "--json"])) == 0
     files = json.loads(capsys.readouterr().out)["files"]
     from safetensors.torch import load_file
 

@@ -1,6 +1,7 @@
 """load_requests: one entry point for every request layout."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..requests import EditRequest, InvalidRecord
@@ -13,15 +14,32 @@ DATASETS: dict[str, tuple[Layout, ...]] = {"counterfact": (ORIGINAL, FLAT), "zsr
 REQUEST_LAYOUTS: tuple[Layout, ...] = (ORIGINAL, FLAT, ZSRE, USER)   # order matters: flat CounterFact ⊃ user keys
 
 
-def load_requests(path: str | Path, dataset: str = "auto", limit: int | None = None,
-                  skip_invalid: bool = False) -> tuple[list[EditRequest], list[InvalidRecord]]:
+def load_requests(path: str | Path, dataset: str = "auto", limit: int | None = None, skip_invalid: bool = False,
+                  check: Callable[[EditRequest], None] | None = None) -> tuple[list[EditRequest], list[InvalidRecord]]:
     """Validated EditRequests from a CounterFact (either layout), zsRE or user file (JSON, JSONL, Parquet).
 
     The layout comes from the keys of the first record. `limit` keeps the first N valid records.
     Without `skip_invalid` the first bad record raises InvalidRecord (file, record index, field);
-    with it, every skipped record is returned in the problems list.
+    with it, every skipped record is returned in the problems list. `check` may refuse a request (see
+    `fits_context`).
     """
     if dataset != "auto" and dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of: auto, {', '.join(DATASETS)}")
     layouts = REQUEST_LAYOUTS if dataset == "auto" else DATASETS[dataset]
-    return collect(path, layouts, limit, skip_invalid)
+    return collect(path, layouts, limit, skip_invalid, check)
+
+
+def fits_context(tok, context: int) -> Callable[[EditRequest], None]:
+    """A check that refuses a request whose prompt (with its target) is longer than `context` tokens. Only texts
+    with as many bytes as that are tokenised: a token covers at least one byte."""
+    def check(req: EditRequest) -> None:
+        for name, prompts in (("prompt", [req.text]), ("paraphrase_prompts", req.paraphrase_prompts),
+                              ("neighborhood_prompts", req.neighborhood_prompts)):
+            for p in prompts:
+                if len(p.encode()) + len(req.target_new.encode()) + 4 <= context:
+                    continue
+                n = len(tok(p).input_ids) + len(tok(" " + req.target_new, add_special_tokens=False).input_ids)
+                if n > context:
+                    raise InvalidRecord("", 0, name, f"{n:,} tokens with the target, more than the model's context "
+                                                     f"of {context:,}")
+    return check

@@ -121,9 +121,20 @@ def _json_lines(text: str, source: str) -> Iterator[tuple[int, Any]]:
         try:
             yield index, json.loads(line)
         except json.JSONDecodeError as e:
+            if index == 0 and isinstance(_whole(text), dict):
+                raise ValueError(f"{source}: one JSON object spread over several lines, not a list of records; "
+                                 "write a JSON array ([{...}, {...}]) or JSON Lines (one object per line)") from None
             yield index, InvalidRecord(source, index, "(json)", f"malformed JSON on line {lineno} "
                                                                 f"column {e.colno}: {e.msg}")
         index += 1
+
+
+def _whole(text: str) -> Any:
+    """The whole text as one JSON value, or None when it is not one."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def detect(record: dict, layouts: tuple[Layout, ...], source: str, index: int) -> Layout:
@@ -136,8 +147,9 @@ def detect(record: dict, layouts: tuple[Layout, ...], source: str, index: int) -
 
 
 def collect(path: str | Path, layouts: tuple[Layout, ...], limit: int | None = None,
-            skip_invalid: bool = False) -> tuple[list, list[InvalidRecord]]:
-    """Convert every record with the layout of the first one. Returns (items, skipped problems)."""
+            skip_invalid: bool = False, check: Callable[[Any], None] | None = None) -> tuple[list, list[InvalidRecord]]:
+    """Convert every record with the layout of the first one; `check(item)` may refuse an item by raising
+    InvalidRecord (its source and index are filled in here). Returns (items, skipped problems)."""
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
     source = str(path)
@@ -156,6 +168,8 @@ def collect(path: str | Path, layouts: tuple[Layout, ...], limit: int | None = N
             layout = layout or detect(record, layouts, source, index)
             try:
                 item = layout.convert(record, source, index)
+                if check is not None:
+                    check(item)
             except InvalidRecord as e:
                 raise InvalidRecord(source, index, layout.fields.get(e.field, e.field), e.reason) from None
             ident = item.case_id if isinstance(item, EditRequest) else item.id

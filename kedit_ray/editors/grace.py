@@ -38,6 +38,7 @@ from torch import nn
 
 from kedit_ray.editors.delta import Edit
 from kedit_ray.editors.toolkit import target_ids, target_loss
+from kedit_ray.errors import SettingError
 from kedit_ray.io import save_tensors
 from kedit_ray.models import LM, TraceDict, check_layer, get_module
 from kedit_ray.requests import EditRequest
@@ -183,13 +184,15 @@ def default_layer(lm: LM) -> int:
     return DEFAULT.get(lm.name, {}).get("layer", lm.n_layers // 2)
 
 
-def eps_init(lm: LM, hp: GraceParams) -> float:
+def eps_init(model: str, hp: GraceParams) -> float:
+    """ε_init: the one given, else the one measured for `model`; a model without one is a SettingError."""
     if hp.eps_init is not None:
         return hp.eps_init
-    if lm.name not in DEFAULT:
-        raise ValueError(f"GRACE has no measured ε_init for {lm.name!r}: pass eps_init (it is a distance between "
-                         f"inputs of the wrapped module, so it depends on the model and layer)")
-    return DEFAULT[lm.name]["eps_init"]
+    if model not in DEFAULT:
+        raise SettingError("eps_init", f"GRACE has no measured ε_init for {model!r} (measured: "
+                                       f"{', '.join(DEFAULT)}); give one: it is a distance between inputs of the "
+                                       "wrapped module, so it depends on the model and the layer")
+    return DEFAULT[model]["eps_init"]
 
 
 class Grace:
@@ -201,10 +204,14 @@ class Grace:
     def layer(self, lm: LM) -> int:
         return check_layer(lm.model, self.hp.layer if self.hp.layer is not None else default_layer(lm))
 
+    def check_settings(self, model: str) -> None:
+        """Refuse, before any model is loaded, settings that cannot work for `model`."""
+        eps_init(model, self.hp)
+
     def edit(self, lm: LM, request: EditRequest) -> GraceAdaptor:
         """A new adaptor: the active codebook on the wrapped module (or an empty one) plus this edit."""
         hp, t0 = self.hp, time.perf_counter()
-        layer, eps = self.layer(lm), eps_init(lm, self.hp)
+        layer, eps = self.layer(lm), eps_init(lm.name, self.hp)
         name, block = lm.arch.name(hp.module, layer), lm.arch.name("layer", layer)
         ctx, y = lm.tok(request.text).input_ids, target_ids(lm, request.target_new)
         ids = torch.tensor([ctx + y[:-1]], device=lm.input_device)

@@ -25,7 +25,6 @@ loop runs in one process here and across Ray workers in kedit_ray.distributed.ba
 """
 from __future__ import annotations
 
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -34,13 +33,12 @@ import torch
 from tqdm.auto import tqdm
 
 from kedit_ray.editors import rome
+from kedit_ray.editors.covariance import CovParams, UsesCovariance
 from kedit_ray.editors.delta import Delta
-from kedit_ray.editors.rome import second_moment
 from kedit_ray.editors.toolkit import ValueParams, compute_keys, context_prefixes, mlp_out_of, optimize_values, \
     pad, subject_last_index
 from kedit_ray.models import LM, Trace, check_layer, weight_of
 from kedit_ray.requests import EditRequest
-from kedit_ray.stats import MissingStats
 
 PAPER = {"mom2_update_weight": 15000.0, "z_module": "layer", "clamp_norm": 0.75}   # GPT-J's settings
 # measured on counterfact-edit.json (see the module docstring): ROME's layer and bound, v* as z, λ by a sweep
@@ -50,7 +48,7 @@ PER_MODEL = {"gemma-3-270m": {"layers": [rome.DEFAULT_LAYERS["gemma-3-270m"]], "
 
 
 @dataclass
-class MemitParams:
+class MemitParams(CovParams):           # C as for ROME: the layer statistics, computed on first use
     # None: the per-model default (PER_MODEL), else the paper's (PAPER; layers: 4 from a sixth of the way up)
     layers: list[int] | None = None
     mom2_update_weight: float | None = None   # λ
@@ -63,12 +61,6 @@ class MemitParams:
     # at its peak against 1.9 GB for one (each request adds ~0.2 GB of activations for the backward pass)
     z_batch: int | None = None
     values: ValueParams = field(default_factory=ValueParams)   # clamp_norm None: per model, else 0.75
-    # C as for ROME (rome.second_moment): stats for `stats_corpus`, else any cached for the layer, else I
-    use_cov: bool = True                # False: C = I
-    stats_corpus: str | None = None
-    stats_samples: int = 10_000
-    stats_max_len: int | None = None
-    compute_stats: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> MemitParams:
@@ -151,7 +143,7 @@ def residual_at_subject(lm: LM, layer: int, requests: list[EditRequest]) -> torc
     return t.output[torch.arange(len(requests), device=at.device), at]
 
 
-class Memit:
+class Memit(UsesCovariance):
     name = "memit"
 
     def __init__(self, params: MemitParams | None = None):
@@ -171,20 +163,8 @@ class Memit:
     def layers(self, lm: LM) -> list[int]:
         return [check_layer(lm.model, layer) for layer in sorted(self.params(lm).layers)]
 
-    def covariances(self, lm: LM) -> tuple[dict[int, torch.Tensor | None], dict[int, str]]:
-        """C per edited layer (one stats pass for all of them when missing) and its label."""
-        layers = self.layers(lm)
-        if self.hp.use_cov and self.hp.stats_corpus is not None and self.hp.compute_stats:
-            from kedit_ray.stats import compute_stats
-
-            compute_stats(lm, layers, "mlp_out", self.hp.stats_corpus, self.hp.stats_samples, self.hp.stats_max_len)
-        try:
-            found = {layer: second_moment(lm, layer, self.hp) for layer in layers}
-        except MissingStats as e:   # name the one command that computes every edited layer
-            args = shlex.split(e.command)
-            args[args.index("--layers") + 1] = ",".join(map(str, layers))
-            raise MissingStats(e.path, shlex.join(args)) from None
-        return {k: v[0] for k, v in found.items()}, {k: v[1] for k, v in found.items()}
+    def cov_layers(self, lm: LM) -> list[int]:
+        return self.layers(lm)
 
     def dims(self, lm: LM) -> dict[int, int]:
         """d_in of each edited layer's MLP output projection."""
@@ -194,10 +174,8 @@ class Memit:
     def make_solver(self, dims: dict[int, int], covs: dict, labels: dict, lam: float) -> MemitSolver:
         return MemitSolver(covs, lam, labels)
 
-    def use_covariances(self, lm: LM, covs: dict[int, torch.Tensor | None], label: str = "given") -> None:
-        """Solve with these C (per edited layer) instead of the layer stats."""
-        self._solvers[id(lm.model)] = self.make_solver(self.dims(lm), covs, {layer: label for layer in covs},
-                                                       self.params(lm).mom2_update_weight)
+    def _forget(self, lm: LM) -> None:
+        self._solvers.pop(id(lm.model), None)
 
     def solver(self, lm: LM) -> MemitSolver:
         key = id(lm.model)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from kedit_ray.editors.covariance import CovParams, UsesCovariance
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.toolkit import PAPER_CLAMP, ValueParams, compute_keys, context_prefixes, optimize_values
 from kedit_ray.models import LM, check_layer
@@ -24,17 +25,11 @@ DEFAULT_CLAMP = {"gemma-3-270m": 1.0}
 
 
 @dataclass
-class RomeParams:
+class RomeParams(CovParams):           # C: the layer statistics (covariance.py), computed on first use
     layer: int | None = None           # None: the per-model default, else a third of the way up
     n_prefixes: int = 5                # generated context prefixes for k* and v* (plus the bare prompt)
     prefix_len: int = 10
     values: ValueParams = field(default_factory=ValueParams)
-    # C: the layer statistics for `stats_corpus`; without one, any cached stats for the layer; else I
-    use_cov: bool = True               # False: C = I (`--no-cov`)
-    stats_corpus: str | None = None
-    stats_samples: int = 10_000
-    stats_max_len: int | None = None
-    compute_stats: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> RomeParams:
@@ -54,42 +49,24 @@ def value_params(lm: LM, hp: ValueParams) -> ValueParams:
     return replace(hp, clamp_norm=DEFAULT_CLAMP.get(lm.name, PAPER_CLAMP))
 
 
-def second_moment(lm: LM, layer: int, hp: RomeParams) -> tuple[torch.Tensor | None, str]:
-    """C for the layer and a label saying which C it is: "identity" or the stats file."""
-    if not hp.use_cov:
-        return None, "identity"
-    from kedit_ray.stats import layer_stats
-    from kedit_ray.stats.find import find_stats
-
-    if hp.stats_corpus is not None:
-        found = layer_stats(lm, layer, "mlp_out", corpus=hp.stats_corpus, samples=hp.stats_samples,
-                            max_len=hp.stats_max_len, compute=hp.compute_stats)
-    else:
-        found = find_stats(lm, layer, "mlp_out")
-    if found is None:
-        return None, "identity"
-    c, info = found
-    return c, info["path"]
-
-
-class Rome:
+class Rome(UsesCovariance):
     name = "rome"
 
     def __init__(self, params: RomeParams | None = None):
         self.hp = params or RomeParams()
-        self._cov: dict[tuple, tuple] = {}
 
     def layer(self, lm: LM) -> int:
         return check_layer(lm.model, self.hp.layer if self.hp.layer is not None else default_layer(lm))
+
+    def cov_layers(self, lm: LM) -> list[int]:
+        return [self.layer(lm)]
 
     def edit(self, lm: LM, request: EditRequest) -> Delta:
         layer = self.layer(lm)
         timings = {}
         t0 = time.perf_counter()
-        key = (id(lm.model), layer)
-        if key not in self._cov:
-            self._cov[key] = second_moment(lm, layer, self.hp)
-        c, c_label = self._cov[key]
+        covs, labels = self.covariances(lm)
+        c, c_label = covs[layer], labels[layer]                                  # C
         prefixes = context_prefixes(lm, self.hp.n_prefixes, self.hp.prefix_len)
         t1 = time.perf_counter()
         k = compute_keys(lm, layer, [request], prefixes)[0]                       # k*

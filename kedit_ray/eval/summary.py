@@ -1,7 +1,7 @@
 """Aggregate result rows into the summary dict: means of the metrics and Score S (no Ray here).
 
 Rows are those of `OUT/results/` (a pyarrow Table or a list of dicts). Means skip nulls and
-rows with an `error`. Score S is the harmonic mean of the aggregate efficacy, paraphrase and
+rows with an `error`. `cov` says which C the edits used: a stats file, or "identity" (`--no-cov`). Score S is the harmonic mean of the aggregate efficacy, paraphrase and
 neighbourhood scores (ROME's S); `pre_score` is the same for the unedited model.
 
 success_rate, equivalence_accuracy and retain_accuracy (the KE paper's figures) are the shares of cases whose
@@ -85,9 +85,10 @@ def _aggregate(cols: dict[str, list]) -> dict:
         return [v for v, good in zip(cols[name], ok) if good]
 
     out: dict = {"cases": len(set(cols.get("case_id", []))), "rows": n, "errors": n - sum(ok)}
-    for key in ("method", "model"):
+    for key in ("method", "model", "cov"):    # cov: which C the edits used ("identity" under --no-cov)
         found = sorted({v for v in cols.get(key, []) if v is not None})
-        out[key] = found[0] if len(found) == 1 else found
+        if key != "cov" or found:
+            out[key] = found[0] if len(found) == 1 else found
     for name in METRICS:
         if name in cols:
             out[name] = mean(ok_values(name))

@@ -148,3 +148,32 @@ def load(name: str = DEFAULT_MODEL, device_map: str | dict | None = None, dtype:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return LM(model, tok, detect_arch(model, templates), name, fingerprint(model))
+
+
+def check_model(name: str) -> str:
+    """Fail in seconds, before any worker starts, when `name` cannot be loaded; returns what `from_pretrained`
+    loads (an embedded model is converted here, once)."""
+    path = resolve(name)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model {name!r}: {local} is not a Hugging Face model directory (no config.json)")
+        return path
+    if name.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"model {name!r}: no such directory")
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return path
+    known = ", ".join([DEFAULT_MODEL, *EMBEDDED_GGUF])
+    try:
+        HfApi().model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"model {name!r}: not a local directory, a .gguf file, an embedded model ({known}) "
+                                "or a Hugging Face model") from None
+    except Exception as e:  # noqa: BLE001 - no network, or the hub refused: the model cannot be fetched
+        raise FileNotFoundError(f"model {name!r}: not a local directory, a .gguf file or an embedded model ({known}), "
+                                f"not in the Hugging Face cache, and the hub cannot be reached "
+                                f"({type(e).__name__}: {e})") from None
+    return path

@@ -24,6 +24,10 @@ from kedit_ray.stats import cache as sc
 from kedit_ray.stats import corpus as sp
 from kedit_ray.stats.accumulate import Partial, accumulate
 
+DEFAULT_CORPUS = sp.DEFAULT_CORPUS
+# ROME's reference code takes 100,000 documents; the shipped corpus has 1,322, so by default all of them
+DEFAULT_SAMPLES = 100_000
+
 Shards = Iterator[tuple[int, list[str]]]
 RunShards = Callable[[Shards, Callable[[int, int], None]], Iterator[tuple[int, Partial]]]
 
@@ -40,7 +44,7 @@ def command_line(model: str, layers: Iterable[int], module: str, corpus: str, sa
                  dtype: str, cache: Path) -> str:
     """The exact `kedit stats` call that computes these stats."""
     args = ["kedit", "stats", "--model", model, "--layers", ",".join(map(str, layers)), "--module", module,
-            "--corpus", corpus, "--samples", str(samples), "--max-len", str(max_len), "--dtype", dtype]
+            "--corpus", corpus, "--samples", str(samples), "--max-len", str(max_len), "--stats-dtype", dtype]
     if Path(cache) != sc.default_cache():
         args += ["--cache", str(cache)]
     return shlex.join(args)
@@ -78,8 +82,8 @@ def _max_len(lm: LM | str, max_len: int | None) -> int:
 class _Progress:
     """A bar in documents with tokens/s (of this run) beside it; Ray workers report per shard."""
 
-    def __init__(self, samples: int, done: Partial, enabled: bool):
-        self.bar = tqdm(total=samples, initial=done.docs, unit="doc", dynamic_ncols=True, disable=not enabled,
+    def __init__(self, docs: int, done: Partial, enabled: bool):
+        self.bar = tqdm(total=docs, initial=done.docs, unit="doc", dynamic_ncols=True, disable=not enabled,
                         desc="stats", file=sys.stderr)
         self.t0, self.tokens, self.shard_docs, self.shard_tokens = time.perf_counter(), 0, 0, 0
 
@@ -123,7 +127,7 @@ def _compute(info: sc.ModelInfo, key: sc.Key, cache: Path, layers: list[int], sh
     if resumed:
         print(f"[kedit] resuming {partial_path}: {resumed} shards ({total.docs} documents, {total.count} tokens) "
               f"already summed", file=sys.stderr, flush=True)
-    bar = _Progress(key.samples, total, progress)
+    bar = _Progress(sp.count(key.corpus, key.samples), total, progress)
     todo = ((i, docs) for i, docs in sp.shards(key.corpus, key.samples, shard_docs) if i not in done)
     for i, part in run_shards(todo, bar.batch):
         total.add(part)
@@ -158,21 +162,20 @@ def _cached(key: sc.Key, cache: Path, layers: list[int], lm: LM | None, recomput
     return found
 
 
-def compute_stats(lm: LM | str, layers: Iterable[int], module: str = "mlp_out", corpus: str | Path = "",
-                  samples: int = 100_000, max_len: int | None = None, batch_tokens: int = 4096,
+def compute_stats(lm: LM | str, layers: Iterable[int], module: str = "mlp_out", corpus: str | Path = DEFAULT_CORPUS,
+                  samples: int = DEFAULT_SAMPLES, max_len: int | None = None, batch_tokens: int = 4096,
                   dtype: str = "float32", cache: str | Path | None = None, workers: int = 1, shard_docs: int = 256,
-                  progress: bool = True, address: str | None = None, pool=None,
+                  progress: bool = True, address: str | None = None, load_kw: dict | None = None, pool=None,
                   gpus_per_worker: float = 0, cpus_per_worker: float | None = None,
                   recompute: bool = False) -> list[dict]:
     """C for several layers in one pass per batch; returns one info dict (path and metadata) per layer.
 
-    `lm` is a loaded model or a name; by name, a cache hit loads nothing (the name is checked, not the weights).
+    `lm` is a loaded model or a name; by name, a cache hit loads nothing (the name is checked, not the weights),
+    and a miss loads it with `load_kw` (device_map, templates, ...).
     With `workers` > 1 or a Ray `address` (or $RAY_ADDRESS), Ray workers (each loading the model by name) sum the
     shards; so do the workers of `pool` (an open kedit_ray.distributed pool); otherwise they are summed here,
     without Ray. A damaged or foreign cached or partial file is an error naming it; with `recompute` it is
     computed again."""
-    if not corpus:
-        raise ValueError("a corpus is required: a text, JSONL or Parquet file, or a directory of them")
     layers = sorted(set(layers))
     if not layers:
         raise ValueError("no layers requested")
@@ -187,7 +190,7 @@ def compute_stats(lm: LM | str, layers: Iterable[int], module: str = "mlp_out", 
     if missing and (pool is not None or not resources.in_process):
         from kedit_ray.distributed.stats import stats_pool, sum_shards
 
-        with contextlib.nullcontext(pool) if pool is not None else stats_pool(lm, resources) as pool:
+        with contextlib.nullcontext(pool) if pool is not None else stats_pool(lm, resources, load_kw) as pool:
             info = pool.call("model_info")
             for layer in missing:
                 if not 0 <= layer < info.n_layers:
@@ -199,7 +202,7 @@ def compute_stats(lm: LM | str, layers: Iterable[int], module: str = "mlp_out", 
         if isinstance(lm, str):
             from kedit_ray.models import load
 
-            lm = load(lm, device_map="auto" if torch.cuda.is_available() else None)
+            lm = load(lm, **{"device_map": "auto" if torch.cuda.is_available() else None, **(load_kw or {})})
         for layer in missing:
             check_layer(lm.model, layer)
 
@@ -214,21 +217,33 @@ def compute_stats(lm: LM | str, layers: Iterable[int], module: str = "mlp_out", 
     return [found[layer] for layer in layers]
 
 
-def layer_stats(lm: LM, layer: int, module: str = "mlp_out", corpus: str | Path | None = None,
-                samples: int = 100_000, max_len: int | None = None, dtype: str = "float32",
-                cache: str | Path | None = None, compute: bool = True, workers: int = 1) -> tuple[torch.Tensor, dict]:
-    """C = E[k kᵀ] [d_in, d_in] on the CPU (in the stored dtype) and its info, from the cache or computed.
+def load_stats(model: LM | str, layers: Iterable[int], module: str = "mlp_out", corpus: str | Path = DEFAULT_CORPUS,
+               samples: int = DEFAULT_SAMPLES, max_len: int | None = None, dtype: str = "float32",
+               cache: str | Path | None = None) -> dict[int, tuple[torch.Tensor, dict]]:
+    """{layer: (C = E[k kᵀ] [d_in, d_in] on the CPU in the stored dtype, its info)} from the cache.
 
-    `corpus` is required (e.g. ../shared/data/wiki.test.raw). With compute=False a missing file raises
-    MissingStats carrying the `kedit stats` command; a file for another model, module or dim raises StatsError."""
-    if corpus is None:
-        raise ValueError("layer_stats needs a corpus (a text, JSONL or Parquet file, or a directory of them)")
+    A missing file raises MissingStats carrying the one `kedit stats` command that computes every missing
+    layer; a file for another model (weights fingerprint; by name when `model` is a name), module or dim
+    raises StatsError."""
     cache = Path(cache) if cache else sc.default_cache()
-    key = _key(lm, module, corpus, samples, max_len, dtype)
-    path = key.path(cache, check_layer(lm.model, layer))
-    if not path.exists():
-        if not compute:
-            raise MissingStats(path, command_line(lm.name, [layer], module, str(corpus), samples, key.max_len,
-                                                  dtype, cache))
-        compute_stats(lm, [layer], module, corpus, samples, key.max_len, dtype=dtype, cache=cache, workers=workers)
-    return sc.load(path, key, layer, lm.fingerprint, sc.ModelInfo.of(lm).dims[module][layer])
+    key = _key(model, module, corpus, samples, max_len, dtype)
+    lm = None if isinstance(model, str) else model
+    layers = [layer if lm is None else check_layer(lm.model, layer) for layer in sorted(set(layers))]
+    missing = [layer for layer in layers if not key.path(cache, layer).exists()]
+    if missing:
+        raise MissingStats(key.path(cache, missing[0]), command_line(key.model, missing, module, str(corpus), samples,
+                                                                     key.max_len, dtype, cache))
+    if lm is None:   # checked by model name here; the weights' fingerprint is in the info
+        return {layer: sc.load(key.path(cache, layer), key, layer) for layer in layers}
+    dims = sc.ModelInfo.of(lm).dims[module]
+    return {layer: sc.load(key.path(cache, layer), key, layer, lm.fingerprint, dims[layer]) for layer in layers}
+
+
+def layer_stats(lm: LM, layer: int, module: str = "mlp_out", corpus: str | Path = DEFAULT_CORPUS,
+                samples: int = DEFAULT_SAMPLES, max_len: int | None = None, dtype: str = "float32",
+                cache: str | Path | None = None, compute: bool = True, workers: int = 1) -> tuple[torch.Tensor, dict]:
+    """C = E[k kᵀ] of one layer and its info (see load_stats), computed first when missing unless `compute`
+    is False."""
+    if compute:
+        compute_stats(lm, [layer], module, corpus, samples, max_len, dtype=dtype, cache=cache, workers=workers)
+    return load_stats(lm, [layer], module, corpus, samples, max_len, dtype, cache)[layer]

@@ -6,9 +6,11 @@ SOURCE is a file or a directory of files (read in sorted order of their relative
   each document is stripped of surrounding whitespace;
 - JSONL (`.jsonl`): one object per non-blank line, its `text` field is the document;
 - Parquet (`.parquet`): the `text` column, one document per row.
+Raw text and JSONL may be gzip-compressed (`.txt.gz`, `.raw.gz`, `.jsonl.gz`).
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
 import json
@@ -17,6 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 SUFFIXES = (".txt", ".raw", ".jsonl", ".parquet")
+# the default statistics corpus, shipped with the package (WikiText-2's test split; licence in its README)
+DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "data" / "wikitext-2-test.raw.gz"
+
+
+def kind(path: Path) -> str:
+    """The format's suffix, looking through a `.gz`: "a.jsonl.gz" → ".jsonl"."""
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 HEADING = re.compile(r"\s*(= )+.*( =)+\s*")
 
 
@@ -29,7 +42,7 @@ def corpus_files(source: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES
+        files = sorted((p for p in path.rglob("*") if p.is_file() and kind(p) in SUFFIXES
                         and not any(part.startswith(".") for part in p.relative_to(path).parts)),
                        key=lambda p: p.relative_to(path).as_posix())
         if not files:
@@ -42,7 +55,7 @@ def corpus_files(source: str | Path) -> list[Path]:
 def _raw_documents(path: Path) -> Iterator[str]:
     lines: list[str] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             for line in f:
                 blank, heading = not line.strip(), HEADING.fullmatch(line) is not None
                 if (blank or heading) and lines:
@@ -57,7 +70,7 @@ def _raw_documents(path: Path) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -89,8 +102,13 @@ def _parquet_documents(path: Path) -> Iterator[str]:
 def documents(source: str | Path) -> Iterator[str]:
     """Every document of the corpus, in file order."""
     for path in corpus_files(source):
-        read = {".jsonl": _jsonl_documents, ".parquet": _parquet_documents}.get(path.suffix, _raw_documents)
+        read = {".jsonl": _jsonl_documents, ".parquet": _parquet_documents}.get(kind(path), _raw_documents)
         yield from read(path)
+
+
+def count(source: str | Path, samples: int) -> int:
+    """How many documents the first `samples` are: `samples`, or fewer when the corpus is smaller."""
+    return sum(1 for _ in itertools.islice(documents(source), samples))
 
 
 def shards(source: str | Path, samples: int, shard_docs: int) -> Iterator[tuple[int, list[str]]]:
@@ -129,4 +147,5 @@ def fingerprint(source: str | Path) -> str:
 def slug(source: str | Path) -> str:
     """A short readable name for the corpus: its file stem or directory name."""
     path = Path(source).expanduser().resolve()
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem if path.is_file() else path.name)[:40] or "corpus"
+    name = Path(path.name.removesuffix(".gz")).stem if path.is_file() else path.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "corpus"

@@ -8,8 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kedit_ray.models.loading import DEFAULT_MODEL
-from kedit_ray.spec import Resources
+from kedit_ray.options import add_model_args, add_ray_args, positive, templates
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
@@ -34,22 +33,12 @@ def parse_noise(text: str) -> str | float:
     return sigma
 
 
-def positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
-    return n
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="gemma-3-270m (embedded), a hub id, a directory or a .gguf")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="known facts (the layout of known_1000.json) or any requests file")
-    p.add_argument("--limit", type=positive, default=None, help="the first N facts")
-    Resources.add_arguments(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=positive, default=None, help="the first N facts (default: all)")
+    add_ray_args(p, "trace")
+    p.add_argument("--out", required=True, help="run directory: results/, summary.json, plots/")
     p.add_argument("--kind", type=parse_kinds, default="hidden,mlp,attn", help="states to restore: hidden,mlp,attn")
     p.add_argument("--window", type=positive, default=10, help="MLP / attention layers restored together")
     p.add_argument("--noise", type=parse_noise, default="auto",
@@ -68,31 +57,25 @@ def run(args: argparse.Namespace) -> int:
     from kedit_ray.datasets import load_known
     from kedit_ray.distributed.pool import Lost, open_pool
     from kedit_ray.distributed.trace import TraceWorker
-    from kedit_ray.results import ConfigMismatch, check_config
-    from kedit_ray.spec import ModelSpec
+    from kedit_ray.models.loading import check_model
+    from kedit_ray.results import check_config
+    from kedit_ray.spec import ModelSpec, Resources
     from kedit_ray.tracing import plots, results
     from kedit_ray.tracing.trace import TraceParams
 
-    try:
-        facts = load_known(args.data)
-        resources = Resources.from_args(args)
-    except (ValueError, OSError) as e:
-        print(f"kedit trace: error: {e}", file=sys.stderr)
-        return 2
+    facts = load_known(args.data)
+    check_model(args.model)
     out = Path(args.out)
     config = {"model": args.model, "data": str(Path(args.data).resolve()), "kinds": list(args.kind),
               "window": args.window, "noise": args.noise, "samples": args.samples, "seed": args.seed}
-    try:
-        check_config(out, config)
-    except ConfigMismatch as e:
-        print(f"kedit trace: {e}", file=sys.stderr)
-        return 2
+    check_config(out, config)
     selected = facts[:args.limit]
     done = results.finished(out)
     todo = [f for f in selected if f.id not in done]
     params = TraceParams(args.kind, args.window, args.samples, args.seed, args.max_rows)
+    model = ModelSpec(args.model, templates(args), device_map=args.device_map)
     skipped, errors = results.read_skipped(out), {}
-    with open_pool(TraceWorker, (ModelSpec(args.model), params), resources, size=max(1, len(todo))) as pool:
+    with open_pool(TraceWorker, (model, params), Resources.from_args(args), size=max(1, len(todo))) as pool:
         # σ from every prompt of the file, so that it does not depend on --limit
         sigma = 3 * pool.call("noise_std", [f.prompt for f in facts]) if args.noise == "auto" else args.noise
         bar = tqdm(total=len(todo), unit="fact", desc="trace", file=sys.stderr)

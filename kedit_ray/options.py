@@ -1,0 +1,106 @@
+"""Options every `kedit` command shares, parsed one way: the model, layers, numbers, and the help format."""
+from __future__ import annotations
+
+import argparse
+
+from kedit_ray.models.loading import DEFAULT_MODEL, EMBEDDED_GGUF
+
+
+class UsageError(ValueError):
+    """Options that cannot work together or for this model; the message names the flag."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def layers(text: str) -> list[int]:
+    """"3,4,5", "3-7" or "1,3-5" → sorted layer indices."""
+    found: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            found.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected layers such as 3,4,5 or 3-7") from None
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} names no layer")
+    return sorted(found)
+
+
+def ints(text: str) -> list[int]:
+    """"10,100,1000" → [10, 100, 1000]."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _number(kind: type, low: float, strict: bool):
+    word = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '≥'} {low:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {word}, got {text!r}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {word}, got {text!r}")
+        return value
+
+    parse.__name__ = word   # argparse names the type in its messages
+    return parse
+
+
+positive = _number(int, 1, False)        # ≥ 1
+count = _number(int, 0, False)           # ≥ 0
+fraction = _number(float, 0, False)      # ≥ 0.0
+positive_float = _number(float, 0, True)   # > 0.0
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --device-map and the architecture templates."""
+    from kedit_ray.models.arch import TEMPLATE_FLAGS
+
+    names = ", ".join([DEFAULT_MODEL, *EMBEDDED_GGUF])
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"an embedded model ({names}), a local Hugging Face directory, a .gguf file or a hub id")
+    p.add_argument("--device-map", default=None,
+                   help="accelerate device map: 'auto', a JSON map, or the path of a JSON file holding one "
+                        "(default: the whole model on one device)")
+    g = p.add_argument_group("architecture templates, for models the registry does not know ({} = layer index)")
+    for field, flag in TEMPLATE_FLAGS.items():
+        g.add_argument(flag, dest=f"tpl_{field}", default=None, metavar="TEMPLATE",
+                       help=f"module name template of the {field.replace('_', ' ')} (default: from the registry)")
+
+
+def templates(args: argparse.Namespace) -> dict[str, str]:
+    """The --*-template values given."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("tpl_") and v}
+
+
+def model_kw(args: argparse.Namespace) -> dict:
+    """What kedit_ray.models.load takes from the model options, besides the name."""
+    return {"device_map": args.device_map, "templates": templates(args)}
+
+
+def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--workers, --cpus-per-worker, --gpus-per-worker, --address."""
+    p.add_argument("--workers", type=positive, default=1,
+                   help=f"model-holding {what} workers: Ray actors, or with 1 and no --address (nor $RAY_ADDRESS) "
+                        "one worker in this process, without Ray")
+    p.add_argument("--cpus-per-worker", type=positive_float, default=None,
+                   help="CPUs (and torch threads) per worker (default: with a local Ray, this machine's cores "
+                        "divided by --workers; on a cluster, 1)")
+    p.add_argument("--gpus-per-worker", type=fraction, default=0, help="GPUs per worker; 0.5 puts two on one GPU")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join: 'auto' or host:port (default: $RAY_ADDRESS, else a local Ray on "
+                        "127.0.0.1)")
