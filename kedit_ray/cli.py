@@ -352,11 +352,14 @@ def one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
 
+    from kedit_ray.errors import PoolError
+
     args = build_parser().parse_args(argv)
     run = COMMANDS.get(args.command) or importlib.import_module(PLUGINS[args.command]).run
     try:
         return run(args)
-    except (ValueError, OSError, pa.ArrowException) as e:   # bad input, settings, files, a missing model
+    except (ValueError, OSError, pa.ArrowException, PoolError) as e:   # bad input, settings, files, a missing
+        # model, workers that could not start or go on
         if args.debug:
             traceback.print_exc()
         print(f"kedit {args.command}: error: {one_line(e)}", file=sys.stderr)

@@ -193,8 +193,7 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
 
         with monkeypatch.context() as m:
             m.setattr(batch_module, "spread", cut)
-            with pytest.raises(KeyboardInterrupt):
-                main(argv)
+            assert main(argv) == 130                                   # interrupted, what was done is kept
         assert len(list((out / "z" / "batch-1").glob("z-*.safetensors"))) == 1
         capsys.readouterr()
         assert main(argv) == 0
@@ -206,8 +205,8 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
         for got, want in zip(rows(), before):   # checkpoint 2: the saved ΔW; 4: batch 1 edited again
             assert got[2] == pytest.approx(want[2], abs=1e-5), (got, want)
         state.write_bytes(b"junk")
-        with pytest.raises(ValueError, match="run_state.safetensors"):
-            main(argv)
+        capsys.readouterr()
+        assert main(argv) == 2 and "run_state.safetensors" in capsys.readouterr().err
         # an editor that runs whole on one worker (ROME) streams its rows a checkpoint at a time; --workers 2
         # loads one worker all the same (a Ray actor here)
         out = tmp_path / "rome"
@@ -221,10 +220,10 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
         by_checkpoint = Counter(table["checkpoint"].to_pylist())
         assert by_checkpoint == {2: 2 + 2, 4: 4 + 2} and len(set(table["worker"].to_pylist())) == 1
         write_part(next((out / "results").glob("part-*")), table.filter(pc.equal(table["checkpoint"], 2)))
-        with pytest.raises(ValueError, match="cannot resume midway"):
-            main(["eval", "--method", "rome", "--model", str(tiny_dir), "--data", str(data), "--limit", "4",
-                  "--layer", "1", "--no-cov", "--v-steps", "4", "--out", str(out), "--protocol", "sequential",
-                  "--batch-size", "1", "--checkpoints", "2", "--held-out", "2"])
+        assert main(["eval", "--method", "rome", "--model", str(tiny_dir), "--data", str(data), "--limit", "4",
+                     "--layer", "1", "--no-cov", "--v-steps", "4", "--out", str(out), "--protocol", "sequential",
+                     "--batch-size", "1", "--checkpoints", "2", "--held-out", "2"]) == 2
+        assert "cannot resume midway" in capsys.readouterr().err
     finally:
         ray.shutdown()
 

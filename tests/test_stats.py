@@ -224,7 +224,7 @@ def test_damaged_partial_or_final_file_is_named_then_recomputed_on_request(tmp_p
                                   dtype="float64")[0]
     assert rel(c(tmp_path / "cut"), c(tmp_path / "whole")) < 1e-12 and again["count"] == whole["count"]
 
-    argv = ["--model", tiny_dir, "--layers", "1", "--corpus", str(text), "--samples", "19", "--dtype", "float64",
+    argv = ["--model", tiny_dir, "--layers", "1", "--corpus", str(text), "--samples", "19", "--stats-dtype", "float64",
             "--shard-docs", "3", "--cache", str(tmp_path / "cli"), "--json"]
     assert run_cli(argv) == 0
     [made] = json.loads(capsys.readouterr().out)["files"]

@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError
 
 from kedit_ray.distributed.cluster import connect
 from kedit_ray.distributed.worker import WorkerInfo, local_ref
+from kedit_ray.errors import PoolError
 from kedit_ray.spec import Resources
 
 MAX_DEATHS = 2          # workers an item may take down before it is given up
@@ -47,10 +48,6 @@ class Job:
     method: str
     args: tuple
     item: object     # what the caller gets back beside the result
-
-
-class PoolError(RuntimeError):
-    """The pool cannot go on: no worker could be placed, or an item took down every try."""
 
 
 class WorkerStartError(PoolError):
