@@ -239,7 +239,8 @@ class RayPool:
 
     def stream(self, items: Iterable, method: str, *args) -> Iterator[tuple[object, object]]:
         """(item, `method(item, *args)` or Lost) for every item, in the order they finish; `items` is read as
-        workers free up."""
+        workers free up. Read it to the end (or close the pool): a worker busy with an item not yet read back
+        takes no more work."""
         return self._run(Job(i, method, (item, *args), item) for i, item in enumerate(items))
 
     def scatter(self, shares: list, method: str, *args) -> list:
