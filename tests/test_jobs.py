@@ -18,7 +18,6 @@ from conftest import make_tiny_lm
 from ray_procs import MARK, kill, marked, new_mark
 from test_protocols import cases
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -57,6 +56,24 @@ def head(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def test_job_arguments(tmp_path, monkeypatch):
+    """Inputs made absolute against the job's directory, outputs refused when relative, --address auto added."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        from evaluate import job_argv
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
+    monkeypatch.chdir(tmp_path)
+    argv = job_argv("eval", ["--data", "cases.jsonl", "--stats-corpus=wiki.raw", "--out", "/abs/out"])
+    assert argv == ["eval", "--address", "auto", "--data", str(tmp_path / "cases.jsonl"),
+                    f"--stats-corpus={tmp_path / 'wiki.raw'}", "--out", "/abs/out"]
+    assert job_argv("stats", ["--corpus", "/c", "--address", "h:1"]) == ["stats", "--corpus", "/c", "--address", "h:1"]
+    for command, argv in (("eval", ["--out", "runs/x"]), ("eval", ["--out=runs/x"]), ("stats", ["--cache", "c"])):
+        with pytest.raises(SystemExit, match="is relative: in a Ray job it would be written inside"):
+            job_argv(command, argv)
+
+
+@pytest.mark.slow
 def test_eval_job_as_the_readme_says(head, tmp_path):
     address, env = head
     work = tmp_path / "work"                     # the working directory uploaded: a copy of the repo and the data
