@@ -10,7 +10,8 @@ import torch
 
 # Tests see only the layer statistics they compute themselves (Ray workers inherit this too).
 os.environ["KEDIT_STATS_CACHE"] = tempfile.mkdtemp(prefix="kedit-stats-")
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the shared data beside the checkout (/work/shared/data for /work/main); KEDIT_TEST_DATA names another place
+DATA = Path(os.environ.get("KEDIT_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 WORDS = ("The Where What the of in is a city located can be found Space Needle Eiffel Tower Seattle Paris Goa Rome London "
          "mother tongue language French English speaks Danielle Darrieux Michel Rocard native speaker "
          "capital country France Italy Spain Berlin Germany was born by made company product religion").split()
@@ -39,7 +40,10 @@ def make_tokenizer():
     return tok
 
 
-def make_tiny_lm(seed: int = 0, layers: int = 4, hidden: int = 32, inter: int = 64):
+def make_tiny_lm(seed: int = 0, layers: int = 4, hidden: int = 32, inter: int = 64,
+                 dtype: torch.dtype = torch.float32):
+    """A random Llama; `dtype` float64 for checks that compare two computations (float64 end to end: what differs
+    between two correct float arithmetics is then far below any float32 effect the check is about)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kedit_ray.models import LM, detect_arch
@@ -50,8 +54,18 @@ def make_tiny_lm(seed: int = 0, layers: int = 4, hidden: int = 32, inter: int = 
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
-    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    model = LlamaForCausalLM(cfg).to(dtype).eval().requires_grad_(False)
     return LM(model, tok, detect_arch(model), f"tiny-llama-{seed}", fingerprint(model))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """KEDIT_TEST_THREADS=N runs the suite with N torch threads (tests that use `one_thread` keep 1): the numeric
+    checks must hold for 1 and 2 threads alike. Unset: torch's default."""
+    n = os.environ.get("KEDIT_TEST_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
+    yield torch.get_num_threads()
 
 
 @pytest.fixture
@@ -75,6 +89,12 @@ def tiny_dir(tmp_path) -> str:
     lm.model.save_pretrained(tmp_path / "tiny")
     lm.tok.save_pretrained(tmp_path / "tiny")
     return str(tmp_path / "tiny")
+
+
+@pytest.fixture
+def tiny_lm64():
+    """The same tiny model in float64."""
+    return make_tiny_lm(dtype=torch.float64)
 
 
 @pytest.fixture(scope="session")

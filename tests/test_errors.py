@@ -46,8 +46,8 @@ def test_loader_errors_are_one_line(tmp_path, tiny_dir, capsys):
     assert code == 2
     one_error(err, "eval", "bad.jsonl", "record 1", "'target_new'", "expected a string, got int 42")
     assert not (tmp_path / "o").exists()                                  # nothing written
-    with pytest.raises(Exception):                                         # --debug: the real exception
-        main(eval_argv(tiny_dir, bad, tmp_path / "o", "--debug"))
+    code, err = run(capsys, *eval_argv(tiny_dir, bad, tmp_path / "o", "--debug"))   # --debug: the traceback too
+    assert code == 2 and "Traceback" in err and "InvalidRecord" in err
     pretty = tmp_path / "pretty.json"
     pretty.write_text(json.dumps(GOOD, indent=2))
     code, err = run(capsys, *eval_argv(tiny_dir, str(pretty), tmp_path / "o"))

@@ -37,30 +37,34 @@ def logits(lm, text: str) -> torch.Tensor:
         return lm.model(input_ids=torch.tensor([lm.tok(text).input_ids])).logits
 
 
-def test_add_expand_split_give_the_papers_radii(tiny_lm):
+def test_add_expand_split_give_the_papers_radii(tiny_lm64):
+    """Float64 end to end: the editor's queries and these agree to ~1e-15 ‖q‖, so radii match to 1e-9 relative
+    (d is well above 1e-6 ‖q‖) and ε_init is kept exactly."""
+    tiny_lm = tiny_lm64
     d = (query(tiny_lm, A.text) - query(tiny_lm, B.text)).norm().item()
+    assert d > 1e-3 * query(tiny_lm, A.text).norm()
     eps = 0.75 * d                                    # B is out of A's radius but within ε_init + ε_A
     g = grace(eps)
     a = g.edit(tiny_lm, A)
     assert a.meta["rule"] == "add" and len(a) == 1 and a.meta["codebook_keys"] == 1
-    assert a.radii.tolist() == pytest.approx([eps])
+    assert a.radii.tolist() == [eps]
     with a.applied(tiny_lm.model):
         b = g.edit(tiny_lm, B)                        # continues the active codebook
         assert b.meta["rule"] == "expand" and len(b) == 1
-        assert b.radii.tolist() == pytest.approx([d], rel=1e-4)   # expanded to cover B's query
+        assert b.radii.tolist() == pytest.approx([d], rel=1e-9)   # expanded to cover B's query
         with b.applied(tiny_lm.model):
             c = g.edit(tiny_lm, C)
     assert c.meta["rule"] == "split" and len(c) == 2
-    assert c.radii.tolist() == pytest.approx([d / 2, d / 2], rel=1e-4)
+    assert c.radii.tolist() == pytest.approx([d / 2, d / 2], rel=1e-9)
     assert c.labels == [target_ids(tiny_lm, "Goa"), target_ids(tiny_lm, "Rome")]
-    torch.testing.assert_close(c.keys[1], query(tiny_lm, C.text), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c.keys[1], query(tiny_lm, C.text), rtol=1e-9, atol=1e-12)
 
     # far enough away: a second key with radius ε_init
     g2 = grace(0.4 * d)
     a2 = g2.edit(tiny_lm, A)
     with a2.applied(tiny_lm.model):
         b2 = g2.edit(tiny_lm, B)
-    assert b2.meta["rule"] == "add" and b2.radii.tolist() == pytest.approx([0.4 * d, 0.4 * d])
+    assert b2.meta["rule"] == "add" and b2.radii.tolist() == [0.4 * d, 0.4 * d]
     assert a2.meta["codebook_keys"] == 1 and b2.meta["codebook_keys"] == 2
 
 

@@ -45,10 +45,11 @@ def config(tmp_path, method: str, steps: int, **kw) -> dict:
                               lr=3e-3, save_every=2, progress=False, net=net, **kw))
 
 
-def test_ke_update_has_the_stated_form(tiny_lm, tmp_path):
+def test_ke_update_has_the_stated_form(tiny_lm64, tmp_path):
     """With α, β, γ, δ, η fixed (the last layer's bias, its weight zero),
     ΔW = σ(η) (softmax(α)γᵀ ⊙ ∇_W L + softmax(β)δᵀ), ∇_W L taken by autograd on W itself; through a saved
     checkpoint and the registered editor."""
+    tiny_lm = tiny_lm64
     torch.manual_seed(1)
     net, names = build_net(tiny_lm, "ke", {"layers": [1, 3]})
     coef = {}
@@ -66,28 +67,39 @@ def test_ke_update_has_the_stated_form(tiny_lm, tmp_path):
     ctx = tiny_lm.tok(REQ.text).input_ids
     y = tiny_lm.tok(" " + REQ.target_new, add_special_tokens=False).input_ids
     for n in names:
-        w = weight_of(get_module(tiny_lm.model, n))
+        mod, seen = get_module(tiny_lm.model, n), {}
+        w = weight_of(mod)
         w.requires_grad_(True)
+        handle = mod.register_forward_hook(lambda _m, args, out: seen.update(x=args[0][0], dy=out))
         logits = tiny_lm.model(input_ids=torch.tensor([ctx + y[:-1]])).logits[0, len(ctx) - 1:]
-        grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, torch.tensor(y)), w)
+        grad, dy = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, torch.tensor(y)), [w, seen["dy"]])
+        handle.remove()
         w.requires_grad_(False)
-        alpha, beta, gamma, dlt, eta = coef[n]
+        alpha, beta, gamma, dlt, eta = (c.double() for c in coef[n])
         a_hat, b_hat = torch.outer(alpha.softmax(0), gamma), torch.outer(beta.softmax(0), dlt)
         expected = torch.sigmoid(eta) * (a_hat * grad + b_hat)
         assert grad.abs().max() > 1e-4
-        torch.testing.assert_close(delta.deltas[n], expected, rtol=1e-4, atol=1e-7)
+        # Float64 here; the editor takes ∇_W L = Σ_t δ_t x_tᵀ and forms the coefficients in float32, so on any correct
+        # arithmetic it is within (T + o + 16) 2⁻²⁴ of the float64 terms' magnitudes (T ≤ 128 tokens summed,
+        # softmax over o outputs), |∇_W L| taken as Σ_t |δ_t| |x_t|ᵀ
+        grad_abs = dy[0].abs().T @ seen["x"].detach().abs()
+        bound = (128 + len(alpha) + 16) * 2.0 ** -24 * torch.sigmoid(eta) * (a_hat.abs() * grad_abs + b_hat.abs())
+        assert (delta.deltas[n].double() - expected).abs().le(bound).all()
     assert delta.meta["method"] == "ke" and delta.meta["layers"] == [1, 3]
 
 
 @pytest.mark.parametrize("method", ["ke", "mend"])
-def test_kl_term_is_zero_when_the_update_is_zero(tiny_lm, method):
+def test_kl_term_is_zero_when_the_update_is_zero(tiny_lm64, method):
+    tiny_lm = tiny_lm64
     net, names = build_net(tiny_lm, method, {})
     rows = build_rows(tiny_lm, [REQ], [[("nq question: capital of France ?", "Paris"), ("The Eiffel Tower is", "")]])
     first = min(net.cfg.layers)
     grads = base_pass(tiny_lm, names, first, rows)
     zero = {n: torch.zeros(1, *grads.grad(n).shape[1:]) for n in names}
     terms = edited_pass(tiny_lm, first, rows, grads, zero)
-    assert len(grads.loc_lp) == 3 and abs(terms["kl"].item()) < 1e-6
+    # a float64 model: the two passes' log-probabilities agree to ~1e-15 before their float32 casts, which may then
+    # differ by one ulp (2⁻²³ |log p|): KL ≤ Σ p 2⁻²³ |log p| ≤ 2⁻²³ log V per position, on any correct arithmetic
+    assert len(grads.loc_lp) == 3 and abs(terms["kl"].item()) <= 2.0 ** -23 * math.log(len(tiny_lm.tok))
     moved = edited_pass(tiny_lm, first, rows, grads, {n: 0.1 * torch.randn_like(z) for n, z in zero.items()})
     assert moved["kl"].item() > 1e-4
 

@@ -34,8 +34,11 @@ def memit(layers, lam, **kw) -> Memit:
                                         "prefix_len": 4, "values": {"steps": 8}, **kw}))
 
 
-def test_batched_z_stops_each_request_where_it_would_stop_alone(tiny_lm):
-    """Each request of a batch leaves the optimisation once its own NLL is low enough, with the δ it gets alone."""
+def test_batched_z_stops_each_request_where_it_would_stop_alone(tiny_lm64):
+    """Each request of a batch leaves the optimisation once its own NLL is low enough, with the δ it gets alone.
+    A float64 model: the batch's and the lone runs' gradients then agree to ~1e-15 before δ's float32 Adam steps,
+    so the tolerances (1e-5 relative) stand far above what two correct arithmetics can make differ."""
+    tiny_lm = tiny_lm64
     reqs = [REQS[0], EditRequest(4, "Eiffel Tower", "a view of the {}", "Rome", "Paris"),
             EditRequest(5, "Louvre", "the {}", "Berlin", "Paris")]
     layer, prefixes, hp = 1, context_prefixes(tiny_lm, 2, 4), ValueParams(steps=25, stop_nll=2.0)
@@ -49,36 +52,73 @@ def test_batched_z_stops_each_request_where_it_would_stop_alone(tiny_lm):
         assert info["v_nll"][i] == pytest.approx(a["v_nll"][0], rel=1e-5) and a["v_nll"][0] < hp.stop_nll
 
 
-def test_memit_one_request_one_layer_is_romes_closed_form(tiny_lm):
-    """Same k*, same target residual r = z − h, same C: Δ_MEMIT = a/(λ+a) · Δ_ROME with a = k*ᵀC⁻¹k*."""
-    layer, req = 1, REQS[0]
-    c = spd(64)
-    for lam in (2.0, 1e-9):
+def handed_to_solver(m: Memit, lm, monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Records the (K, R) each solve of `m` is handed, in float64: the closed forms below start from the editor's
+    own k* and r, so no float32 forward pass is run twice and compared."""
+    solver, seen = m.solver(lm), []
+    solve = solver.solve
+    monkeypatch.setattr(solver, "solve", lambda layer, k, r: seen.append((k.double(), r.double())) or
+                        solve(layer, k, r))
+    return seen
+
+
+def solve_error(*mats: torch.Tensor) -> float:
+    """Relative error that float64 solves with these matrices may have: n κ(M) ε each (LU is backward stable)."""
+    return sum(m.shape[0] * torch.linalg.cond(m).item() * torch.finfo(torch.float64).eps for m in mats)
+
+
+STORED = 2.0 ** -23   # ΔW is solved in float64 and stored in float32: relative rounding ≤ 2⁻²⁴, with room
+
+
+def close_in_norm(a: torch.Tensor, b: torch.Tensor, *mats: torch.Tensor) -> None:
+    """‖a − b‖ ≤ (float32 storage + the solves' n κ ε)‖b‖, for a float32 `a` solved in float64 with `mats`."""
+    bound = (STORED + solve_error(*mats)) * b.norm()
+    assert (a.double() - b).norm() <= bound, ((a.double() - b).norm().item(), bound.item())
+
+
+def test_memit_one_request_one_layer_is_romes_closed_form(tiny_lm, monkeypatch):
+    """Same k*, same target residual r = z − h, same C: Δ_MEMIT = a/(λ+a) · Δ_ROME with a = k*ᵀC⁻¹k*.
+
+    Float64 end to end from the k*, r the solver was handed, so the check holds on any correct arithmetic: the two
+    sides differ by the float32 storage of ΔW and the solves' n κ ε. λ → 0 is λ = 1e-4 (λ/a ≈ 5e-7), not 1e-9: there
+    κ(λC + k*k*ᵀ) was 1e12, so the solve's error (1e-6 here, another on another BLAS) was bounded only by 1e-2."""
+    layer, req, c = 1, REQS[0], spd(64)
+    name = tiny_lm.arch.name("mlp_out", layer)
+    for lam in (2.0, 1e-4):
         m = memit([layer], lam)
         m.use_covariances(tiny_lm, {layer: c})
-        delta = m.edit(tiny_lm, req)
-        dw = delta.deltas[tiny_lm.arch.name("mlp_out", layer)].double()
-        k = m.inputs(tiny_lm, [req], layer)[0][0].double()                              # k*
-        z, _ = m.targets(tiny_lm, [req])
-        r = (z[0] - residual_at_subject(tiny_lm, layer, [req])[0]).double()            # target residual
+        seen = handed_to_solver(m, tiny_lm, monkeypatch)
+        dw = m.edit(tiny_lm, req).deltas[name].double()
+        (k, r), = seen
+        k, r = k[0], r[0]                                                               # k*, r = z − h
         rome = rank_one(k, r, c)
         a = k @ torch.linalg.solve(c, k)
-        torch.testing.assert_close(dw, (a / (lam + a) * rome), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(dw, rome, rtol=1e-4, atol=1e-6)                        # λ → 0: ROME itself
+        close_in_norm(dw, a / (lam + a) * rome, c, lam * c + torch.outer(k, k))
+        tol = STORED + solve_error(c, lam * c + torch.outer(k, k))
+    assert lam / a < 1e-6 and (dw - rome).norm() <= (lam / a + tol) * rome.norm()      # λ → 0: ROME itself
 
 
-def test_memit_z_at_mlp_out_writes_v_star(tiny_lm):
-    """z_module "mlp_out": z is ROME's v* = W k* + δ, so with λ → 0 the update is ROME's rank one and W' k* = z."""
-    layer, req, c = 1, REQS[0], spd(64)
-    m = memit([layer], 1e-9, z_module="mlp_out")
+def test_memit_z_at_mlp_out_writes_v_star(tiny_lm, monkeypatch):
+    """z_module "mlp_out": z is ROME's v* = W k* + δ, so with λ → 0 the update is ROME's rank one and W' k* = z,
+    i.e. (W' − W) k* = r = z − W k*. Float64 from the solver's own k*, r, as above; W' = W + ΔW is rounded to
+    float32 when applied (2⁻²⁴ |W'| |k*|)."""
+    layer, req, c, lam = 1, REQS[0], spd(64), 1e-4
+    m = memit([layer], lam, z_module="mlp_out")
     m.use_covariances(tiny_lm, {layer: c})
+    seen = handed_to_solver(m, tiny_lm, monkeypatch)
     delta = m.edit(tiny_lm, req)
     name = tiny_lm.arch.name("mlp_out", layer)
-    k, v0 = (t[0].double() for t in m.inputs(tiny_lm, [req], layer))                    # k*, W k*
-    z, _ = m.targets(tiny_lm, [req])
-    torch.testing.assert_close(delta.deltas[name].double(), rank_one(k, z[0].double() - v0, c), rtol=1e-4, atol=1e-6)
+    (k, r), = seen
+    k, r = k[0], r[0]                                                                   # k*, z − W k*
+    rome = rank_one(k, r, c)
+    a = k @ torch.linalg.solve(c, k)
+    tol = lam / a + STORED + solve_error(c, lam * c + torch.outer(k, k))
+    assert (delta.deltas[name].double() - rome).norm() <= tol * rome.norm()
+    w = weight_of(tiny_lm.model.get_submodule(name)).double()
     with delta.applied(tiny_lm.model):
-        torch.testing.assert_close(m.inputs(tiny_lm, [req], layer)[1][0].double(), z[0].double(), rtol=1e-4, atol=1e-4)
+        w_edited = weight_of(tiny_lm.model.get_submodule(name)).double()
+    bound = 2.0 ** -24 * (w_edited.abs() @ k.abs()) + tol * rome.norm() * k.norm() + lam / a * r.abs()
+    assert ((w_edited - w) @ k - r).abs().le(bound).all()
     assert delta.meta["params"]["z_module"] == "mlp_out"
 
 
@@ -103,9 +143,11 @@ def test_memit_settles_per_model_defaults(tiny_lm):
         settle(MemitParams(z_module="attn"), tiny_lm)
 
 
-def test_memit_spread_reaches_z_on_every_request(tiny_lm):
+def test_memit_spread_reaches_z_on_every_request(tiny_lm64):
     """Algorithm 1 with λ → 0 and keys recomputed on the model edited so far: after the last layer, the residual
-    at each subject is z_i exactly (no prefixes, so k* is the bare prompt's key), and every target gains."""
+    at each subject is z_i exactly (no prefixes, so k* is the bare prompt's key), and every target gains.
+    A float64 model: what is left is the editor's float32 storage of z, K and ΔW (2⁻²⁴ relative), far below 1e-3."""
+    tiny_lm = tiny_lm64
     m = memit([1, 2], 1e-7, n_prefixes=0)
     z, _ = m.targets(tiny_lm, REQS)
     nll0 = target_nll(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
@@ -115,7 +157,7 @@ def test_memit_spread_reaches_z_on_every_request(tiny_lm):
     with delta.applied(tiny_lm.model):
         h = residual_at_subject(tiny_lm, 2, REQS)
         nll = target_nll(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
-    torch.testing.assert_close(h, z, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(h, z.double(), rtol=1e-3, atol=1e-3)
     assert (nll < nll0 - 0.5).all(), (nll0, nll)
     assert delta.meta["layers"] == [1, 2] and delta.meta["case_ids"] == [1, 2, 3]
 
@@ -137,11 +179,14 @@ def test_alphaedit_leaves_protected_keys_unchanged(tiny_lm):
     for name, dw in delta.deltas.items():
         dw = dw.double()
         assert dw.norm() > 1e-3
-        assert (dw @ protected).norm() <= 1e-6 * dw.norm()                             # float32 storage precision
-    w = weight_of(tiny_lm.model.get_submodule(tiny_lm.arch.name("mlp_out", 1)))
+        assert (dw @ protected).norm() <= STORED * dw.norm()        # ΔW Q = 0 in float64; ΔW stored in float32
+    name = tiny_lm.arch.name("mlp_out", 1)
+    w = weight_of(tiny_lm.model.get_submodule(name)).double()
     with delta.applied(tiny_lm.model):
-        w_edited = w.detach().double().clone()
-    torch.testing.assert_close(w_edited @ protected, w.detach().double() @ protected, rtol=0, atol=1e-6)
+        w_edited = weight_of(tiny_lm.model.get_submodule(name)).double()
+    # W' = W + ΔW rounded to float32: each of ΔW and W' off by ≤ 2⁻²⁴ of itself, elementwise
+    bound = STORED * (w_edited.abs() + delta.deltas[name].double().abs()) @ protected.abs()
+    assert ((w_edited - w) @ protected).abs().le(bound).all()
     # sequential use: the kept keys enter the next solve as K_p K_pᵀ
     delta.apply(tiny_lm.model)
     editor.commit(tiny_lm, REQS)

@@ -23,18 +23,21 @@ TAIL = EditRequest(1, "Space Needle", "the city of {}", "Goa", "Seattle")
 
 
 def test_closed_form_maps_k_star_to_v_star(tiny_lm):
+    """W' k* = v* = W k* + δ, in float64 from the same float64 W, k*, δ (errors ~ n κ(C) ε ≪ assert_close's 1e-7)."""
     layer = 1
     prefixes = context_prefixes(tiny_lm, 2, 4)
     k = compute_keys(tiny_lm, layer, [REQ], prefixes)                        # k*
     v0, delta, info = optimize_values(tiny_lm, layer, [REQ], prefixes, k, ValueParams(steps=5))
     g = torch.Generator().manual_seed(0)
     a = torch.randn(k.shape[1], k.shape[1] * 2, generator=g, dtype=torch.float64)
+    w = weight_of(tiny_lm.model.get_submodule(tiny_lm.arch.name("mlp_out", layer))).double()
+    k, d = k[0].double(), delta[0].double()
     for c in (None, a @ a.T / a.shape[1]):                                   # C = I and a real C
-        dw = rank_one(k[0].double(), delta[0].double(), c)
-        w = weight_of(tiny_lm.model.get_submodule(tiny_lm.arch.name("mlp_out", layer))).double()
-        torch.testing.assert_close((w + dw) @ k[0].double(), (v0[0] + delta[0]).double(), rtol=1e-5, atol=1e-5)  # W' k* = v*
+        dw = rank_one(k, d, c)
+        torch.testing.assert_close((w + dw) @ k, w @ k + d)                  # W' k* = v*
         assert torch.linalg.matrix_rank(dw) == 1
-    assert delta.norm() <= 4.0 * v0.norm() * (1 + 1e-5)                     # the norm bound
+    # the norm bound, ||δ|| ≤ 4 ||v0||, as the editor enforces it: with float32 norms, each within γ_n = n 2⁻²⁴
+    assert d.norm() <= 4.0 * v0[0].double().norm() * (1 + (2 * len(d) + 4) * 2.0 ** -24)
 
 
 def test_edit_raises_target_and_reverts_bit_for_bit(tiny_lm, tmp_path):

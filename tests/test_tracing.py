@@ -24,6 +24,8 @@ TINY_FACTS = [("The Space Needle is located in the city of", "Space Needle"),
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# The checks that compare two ways of computing the same probability use the tiny model in float64: the two then
+# agree to ~1e-15 on any correct arithmetic, and 1e-6 is far above that and far below a restoration's effect.
 
 
 def sigma(lm) -> float:
@@ -46,17 +48,18 @@ def test_token_roles():
     assert token_roles(3, range(0, 1)) == ["last_subject", "first_subsequent", "last"]
 
 
-def test_restoring_every_state_at_a_layer_gives_back_the_clean_probability(tiny_lm):
+def test_restoring_every_state_at_a_layer_gives_back_the_clean_probability(tiny_lm64):
     """'Every state' = block l's output (the residual stream) at every token. All later computation reads
     only those states, so from layer l on the run is the clean run, whatever the noise: P*_restored = P,
-    up to float32 rounding (the restored rows run in a batch of S, the clean run alone)."""
+    up to rounding (the restored rows run in a batch of S, the clean run alone)."""
+    tiny_lm = tiny_lm64
     run = prepare(tiny_lm, PROMPT, SUBJECT, sigma(tiny_lm), TraceParams(samples=4))
     assert run.p - run.p_star > 0.01  # the noise does corrupt the answer
     T, L = run.ids.shape[1], tiny_lm.n_layers
     every = [Restore("hidden", tuple(range(T)), (l,)) for l in range(L)]
     every.append(Restore("hidden", tuple(range(T)), tuple(range(L))))
     batched = restored_probs(tiny_lm, run, every)
-    torch.testing.assert_close(batched, torch.full((L + 1,), run.p), rtol=0, atol=1e-6)
+    torch.testing.assert_close(batched, torch.full((L + 1,), run.p, dtype=batched.dtype), rtol=0, atol=1e-6)
     for rs in every:
         assert restored_prob_one(tiny_lm, run, rs) == pytest.approx(run.p, abs=1e-6)
     # restoring only the uncorrupted tokens before the subject changes nothing
@@ -64,7 +67,8 @@ def test_restoring_every_state_at_a_layer_gives_back_the_clean_probability(tiny_
     assert before.item() == pytest.approx(run.p_star, abs=1e-6)
 
 
-def test_zero_noise_gives_zero_effects(tiny_lm):
+def test_zero_noise_gives_zero_effects(tiny_lm64):
+    tiny_lm = tiny_lm64
     trace = trace_fact(tiny_lm, PROMPT, SUBJECT, 0.0, TraceParams(samples=2, window=3))
     assert trace.p == pytest.approx(trace.p_star, abs=1e-6)  # TE = 0
     for scores in trace.scores.values():
@@ -72,30 +76,38 @@ def test_zero_noise_gives_zero_effects(tiny_lm):
 
 
 @pytest.mark.parametrize("max_rows", [256, 7])
-def test_batched_restoration_matches_one_pass_per_restoration(tiny_lm, max_rows):
+def test_batched_restoration_matches_one_pass_per_restoration(tiny_lm64, max_rows):
+    tiny_lm = tiny_lm64
     params = TraceParams(samples=3, window=3)
     run = prepare(tiny_lm, PROMPT, SUBJECT, sigma(tiny_lm), params)
     restores = grid(tiny_lm, run, params)
     assert len(restores) == 3 * (run.ids.shape[1] - run.subject.start) * tiny_lm.n_layers
     batched = restored_probs(tiny_lm, run, restores, max_rows)
-    one = torch.tensor([restored_prob_one(tiny_lm, run, rs) for rs in restores])
+    one = torch.tensor([restored_prob_one(tiny_lm, run, rs) for rs in restores], dtype=batched.dtype)
     torch.testing.assert_close(batched, one, rtol=0, atol=1e-6)
     assert (batched - run.p_star).abs().max() > 1e-3  # restorations do change the answer's probability
 
 
-def test_trace_fact_is_deterministic_and_checks_the_answer(tiny_lm):
+def test_trace_fact_is_deterministic_and_checks_the_answer(tiny_lm64):
+    """The same seed gives the same noise, hence the same scores (to float64 rounding: run to run a BLAS may
+    round differently; another noise would move them by far more than 1e-9)."""
+    tiny_lm = tiny_lm64
     params = TraceParams(samples=2, window=3)
     s = sigma(tiny_lm)
     a = trace_fact(tiny_lm, PROMPT, SUBJECT, s, params)
     b = trace_fact(tiny_lm, PROMPT, SUBJECT, s, params)
-    assert a.p_star == b.p_star and all(np.array_equal(a.scores[k], b.scores[k]) for k in a.scores)
+    same = lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-9)  # noqa: E731
+    same(a.p_star, b.p_star)
+    for k in a.scores:
+        same(a.scores[k], b.scores[k])
     assert a.tokens[a.subject_range[0]:a.subject_range[1]] == ["Space", "Needle"]
     assert set(a.scores) == {"hidden", "mlp", "attn"} and a.scores["mlp"].shape == (len(a.tokens), 4)
     other = "Paris" if a.answer.strip() != "Paris" else "Rome"
     wrong = trace_known(tiny_lm, KnownFact(3, SUBJECT, PROMPT, other), s, params)
     assert wrong.skipped and not wrong.scores
     right = trace_known(tiny_lm, KnownFact(3, SUBJECT, PROMPT, a.answer.strip()), s, params)
-    assert right.skipped is None and np.array_equal(right.scores["hidden"], a.scores["hidden"])
+    assert right.skipped is None
+    same(right.scores["hidden"], a.scores["hidden"])
     failed = trace_known(tiny_lm, KnownFact(4, "Rome", PROMPT, "Paris"), s, params)
     assert failed.error and "Rome" in failed.error
 

@@ -40,7 +40,7 @@ from kedit_ray.editors.delta import Edit
 from kedit_ray.editors.toolkit import target_ids, target_loss
 from kedit_ray.errors import SettingError
 from kedit_ray.io import save_tensors
-from kedit_ray.models import LM, TraceDict, check_layer, get_module
+from kedit_ray.models import LM, TraceDict, check_layer, get_module, token_grid
 from kedit_ray.requests import EditRequest
 
 # Measured on zsre_mend_train-1k.json with gemma-3-270m (see the issue note). Gemma normalises the MLP output
@@ -220,8 +220,8 @@ class Grace:
                                         retain_output=True, stop=True) as tr:
             lm.model(input_ids=ids, attention_mask=mask)
         cached = tr[block].input                                          # residual entering the layer
-        h = tr[name].input[0, len(ctx) - 1]                               # the query h^{l-1}
-        v0 = tr[name].output[0, len(ctx) - 1]                             # warm start: the output there now
+        h = token_grid(tr[name].input, ids)[0, len(ctx) - 1]              # the query h^{l-1}
+        v0 = token_grid(tr[name].output, ids)[0, len(ctx) - 1]            # warm start: the output there now
 
         cur = active_adaptor(lm.model, name)
         keys = cur.keys.to(h.device) if cur is not None else h.new_zeros(0, h.shape[0])

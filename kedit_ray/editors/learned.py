@@ -21,7 +21,7 @@ from torch import nn
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.toolkit import pad, target_ids
 from kedit_ray.io import save_tensors, write_json
-from kedit_ray.models import LM, Trace, TraceDict, get_module, head_at, start_at_layer, weight_of
+from kedit_ray.models import LM, Trace, TraceDict, get_module, head_at, start_at_layer, token_grid, weight_of
 from kedit_ray.requests import EditRequest
 
 META_FILE = "editor.json"
@@ -175,7 +175,8 @@ def base_pass(lm: LM, names: list[str], first_layer: int, rows: Rows) -> Grads:
         nll = _nll(lp[:n_edit], rows.edit[2], rows.edit[0])
         dz = torch.autograd.grad(nll.sum(), [zs[n] for n in names])
     x = rows.x_rows.to(rows.ids.device)
-    return Grads({n: t[n].input[x].float() for n in names}, {n: d[x].float() for n, d in zip(names, dz)},
+    return Grads({n: token_grid(t[n].input, rows.ids)[x].float() for n in names},
+                 {n: token_grid(d, rows.ids)[x].float() for n, d in zip(names, dz)},
                  rows.mask[x].float(), resid.input, lp[n_edit:].detach(), nll.detach())
 
 
@@ -185,8 +186,8 @@ def edited_pass(lm: LM, first_layer: int, rows: Rows, grads: Grads, deltas: dict
     req = rows.req.to(rows.ids.device)
 
     def add_delta(out, name):                                       # W' x = W x + ΔW x, ΔW of the row's request
-        x = t[name].input.float()
-        return out + torch.einsum("nti,noi->nto", x, deltas[name][req]).to(out.dtype)
+        x = token_grid(t[name].input, rows.ids).float()
+        return out + torch.einsum("nti,noi->nto", x, deltas[name][req]).to(out.dtype).view(out.shape)
 
     n_eq = len(rows.equiv[0])
     positions = tuple(torch.cat([a, b]) for a, b in zip(rows.equiv[:2], rows.loc))

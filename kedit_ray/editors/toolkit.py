@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit_ray.models import LM, Trace, head_at, start_at_layer, weight_of
+from kedit_ray.models import LM, Trace, head_at, start_at_layer, token_grid, weight_of
 from kedit_ray.requests import EditRequest
 
 ESSENCE = "{} is a"
@@ -101,7 +101,7 @@ def compute_keys(lm: LM, layer: int, requests: list[EditRequest], prefixes: list
     with Trace(lm.model, name, retain_input=True, stop=True) as t:
         lm.model(input_ids=ids, attention_mask=mask)
     at = torch.tensor([subject_last_index(lm, x, s) for x, s in zip(texts, subjects)], device=t.input.device)
-    k = t.input[torch.arange(len(texts), device=at.device), at]
+    k = token_grid(t.input, ids)[torch.arange(len(texts), device=at.device), at]
     return k.view(len(requests), len(prefixes), -1).mean(1)
 
 
@@ -227,8 +227,9 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
 
     def add_delta(out, _name):
         h = out[0] if isinstance(out, tuple) else out
-        h = h.index_put((part.edit_rows.to(device), part.edit_cols.to(device)), delta[part.edit_req.to(device)]
-                        .to(h.dtype), accumulate=True)
+        at = (part.edit_rows.to(device), part.edit_cols.to(device))
+        h = token_grid(h, part.ids).index_put(at, delta[part.edit_req.to(device)].to(h.dtype), accumulate=True) \
+            .view(h.shape)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     nll = torch.full((n_req,), float("inf"))
@@ -241,13 +242,13 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
             tok_nll = -lp.gather(1, part.loss_tok.to(lp.device)[:, None])[:, 0]
             # mean NLL per request: average over its tokens (all its prompts share the target length)
             loss_req = part.loss_req.to(lp.device)
-            per_req = torch.zeros(n_req, device=lp.device).index_add(0, loss_req, tok_nll)
+            per_req = torch.zeros(n_req, device=lp.device, dtype=tok_nll.dtype).index_add(0, loss_req, tok_nll)
             per_req = per_req / torch.bincount(part.loss_req, minlength=n_req).clamp_min(1).to(lp.device)
             kl_req = part.row_req[part.kl_rows].to(lp.device)
             kl = torch.nn.functional.kl_div(kl_lp, kl0[kl_req], log_target=True, reduction="none").sum(-1)
             decay = delta.norm(dim=-1) / v0.norm(dim=-1) ** 2
             total = per_req + hp.weight_decay * decay
-            total = total.index_add(0, kl_req, hp.kl_factor * kl)
+            total = total.index_add(0, kl_req, (hp.kl_factor * kl).to(total.dtype))
         nll[live] = per_req.detach().cpu()[live]
         if hp.early_stop:
             live &= nll >= hp.stop_nll

@@ -1,27 +1,109 @@
-"""`kedit report`: the aggregate table of eval runs and a bar chart of pre- against post-edit scores; for runs
-with checkpoints (batch, sequential protocols) also ES / PS / NS (and TRR) against the number of edits, one line
-per run (labelled by its method), in lifelong.png beside the chart."""
+"""`kedit report`: the aggregate table of eval runs and a figure of their scores; for runs with checkpoints (batch,
+sequential protocols) also ES / PS / NS (and TRR) against the number of edits, one line per run (labelled by its
+method), in lifelong.png beside the figure.
+
+Each run's results are read once (`Run`); the table, the figure and the bootstrap intervals come from those rows.
+The figure: ES, PS, NS and S as groups of bars, one bar per run after the edit and its unedited value hatched (once,
+in grey, when every run scored the same cases on the same model), with 95% intervals from a bootstrap over cases,
+n per run in the legend and runs whose every case failed named under the axes, not drawn.
+"""
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from kedit_ray.eval.summary import summarize
+import numpy as np
+
+from kedit_ray.eval.summary import SCORES, summarize
 
 COLUMNS = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("S", "score")]
+DATASETS = {"counterfact": "CounterFact", "zsre": "zsRE"}
+
+
+@dataclass
+class Run:
+    """One `kedit eval --out` directory, read once: its result columns and their summary."""
+    path: str
+    cols: dict[str, list]
+    summary: dict
+    dataset: str
+
+    @property
+    def label(self) -> str:
+        return str(self.summary.get("method"))
+
+    def _col(self, name: str) -> list:
+        return self.cols.get(name) or [None] * len(self.cols.get("case_id", []))
+
+    @property
+    def last_checkpoint(self) -> int | None:
+        """The number of edits applied at the last checkpoint (batch, sequential protocols), else None."""
+        return max((t for t in self._col("checkpoint") if t is not None), default=None)
+
+    def final_rows(self) -> list[int]:
+        """Indices of the rows the summary's top-level figures describe: error-free edit rows (at the last
+        checkpoint, when there are checkpoints)."""
+        last = self.last_checkpoint
+        return [i for i, (e, t, role) in enumerate(zip(self._col("error"), self._col("checkpoint"), self._col("role")))
+                if e is None and t == last and role != "held_out"]
+
+    def scores(self, prefix: str = "") -> np.ndarray:
+        """[n, 3] ES, PS, NS per case (`prefix` "pre_": of the unedited model); NaN where not measured."""
+        rows = self.final_rows()
+        cols = [self._col(prefix + m) for m in SCORES]
+        return np.array([[np.nan if c[i] is None else c[i] for c in cols] for i in rows], dtype=float).reshape(-1, 3)
+
+    def errors(self) -> Counter:
+        """Error messages (first line) and how many rows have each."""
+        return Counter(str(e).splitlines()[0] for e in self.cols.get("error", []) if e is not None)
+
+
+def load_run(run_dir: str | Path) -> Run:
+    from kedit_ray.results import read_results   # names and quarantines a damaged part
+    from kedit_ray.eval import scorer_name
+
+    if not (Path(run_dir) / "results").is_dir():
+        raise FileNotFoundError(f"{run_dir} holds no results/ (is it a `kedit eval --out` directory?)")
+    config = Path(run_dir) / "config.json"
+    dataset = scorer_name(json.loads(config.read_text()).get("dataset") if config.exists() else None)
+    table = read_results(run_dir)
+    summary = summarize(table, dataset)
+    written = Path(run_dir) / "summary.json"
+    if written.exists():   # the protocol is in the run's summary.json, not in its rows
+        summary.setdefault("protocol", json.loads(written.read_text()).get("protocol"))
+    return Run(str(run_dir), table.to_pydict(), summary, dataset)
 
 
 def load_summary(run_dir: str | Path) -> dict:
-    from kedit_ray.results import read_results   # names and quarantines a damaged part
+    return load_run(run_dir).summary
 
-    results = Path(run_dir) / "results"
-    if not results.is_dir():
-        raise FileNotFoundError(f"{run_dir} holds no results/ (is it a `kedit eval --out` directory?)")
-    config = Path(run_dir) / "config.json"
-    dataset = json.loads(config.read_text()).get("dataset") if config.exists() else None
-    from kedit_ray.eval import scorer_name
 
-    return summarize(read_results(run_dir), scorer_name(dataset))
+def bootstrap(scores: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> np.ndarray:
+    """Percentile bootstrap over cases: `scores` [n, 3] holds ES, PS, NS per case (NaN: not measured). Resamples the
+    n case rows with replacement `n_boot` times (fixed seed) and returns [4, 2]: the `level` interval of the mean
+    of ES, PS and NS, and of S, their harmonic mean, recomputed on each resample. NaN where there is nothing."""
+    n = len(scores)
+    if n == 0:
+        return np.full((4, 2), np.nan)
+    rng, means = np.random.default_rng(seed), []
+    for start in range(0, n_boot, 100):                              # 100 resamples at a time: [100, n, 3]
+        sample = scores[rng.integers(0, n, size=(min(100, n_boot - start), n))]
+        counts = (~np.isnan(sample)).sum(1)
+        means.append(np.where(counts > 0, np.nansum(sample, 1) / np.maximum(counts, 1), np.nan))
+    means = np.concatenate(means)                                    # [n_boot, 3]
+    with np.errstate(divide="ignore"):
+        s = np.where((means > 0).all(1), 3 / (1 / means).sum(1), 0.0)
+    s[np.isnan(means).any(1)] = np.nan                               # S needs all three
+    stats = np.column_stack([means, s])                              # [n_boot, 4]
+    tail = (1 - level) / 2 * 100
+    out = np.full((4, 2), np.nan)
+    for j in range(4):
+        ok = stats[:, j][~np.isnan(stats[:, j])]
+        if len(ok):
+            out[j] = np.percentile(ok, [tail, 100 - tail])
+    return out
 
 
 def _fmt(v) -> str:
@@ -39,27 +121,121 @@ def table(summaries: dict[str, dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
 
 
-def plot(summaries: dict[str, dict], png: str | Path) -> Path:
+def _point(scores: np.ndarray) -> np.ndarray:
+    """ES, PS, NS means over cases and S, as the summary computes them (NaN where not measured)."""
+    counts = (~np.isnan(scores)).sum(0)
+    means = np.where(counts > 0, np.nansum(scores, 0) / np.maximum(counts, 1), np.nan)
+    s = np.nan if np.isnan(means).any() else 0.0 if (means <= 0).any() else 3 / (1 / means).sum()
+    return np.append(means, s)
+
+
+def _labels(runs: list[Run]) -> list[str]:
+    """The method, with the folder where two runs share a method, and "C = I" for runs that edited without stats."""
+    methods = Counter(r.label for r in runs)
+    out = []
+    for r in runs:
+        label = r.label if methods[r.label] == 1 else f"{r.label} ({Path(r.path).name})"
+        cov = {c for c in r.cols.get("cov", []) if c is not None}
+        out.append(label + (" (C = I)" if cov == {"identity"} else ""))
+    return out
+
+
+def _counts(run: Run) -> str:
+    n, errors = len(run.final_rows()), sum(run.errors().values())
+    return f"n={n}" + (f", {errors} error{'s' * (errors != 1)}" if errors else "")
+
+
+def _shared_pre(runs: list[Run]) -> bool:
+    """Whether every run scored the same cases on the same model, with the same unedited scores (then drawn once)."""
+    if len(runs) < 2 or len({str(r.summary.get("model")) for r in runs}) != 1:
+        return False
+    by_case = [dict(zip((r.cols["case_id"][i] for i in r.final_rows()), r.scores("pre_"))) for r in runs]
+    ids = sorted(by_case[0])
+    first = np.array([by_case[0][i] for i in ids])
+    return not np.isnan(first).all() and all(
+        sorted(b) == ids and np.allclose([b[i] for i in ids], first, equal_nan=True) for b in by_case[1:])
+
+
+def plot(runs: list[Run], png: str | Path) -> Path:
+    """Grouped bars: per metric, each run after the edit (solid) and before it (hatched), with 95% bootstrap
+    intervals over cases. Runs with no successful case are listed under the axes instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, len(summaries), figsize=(4.5 * len(summaries), 3.6), squeeze=False)
-    for ax, (run, s) in zip(axes[0], summaries.items()):
-        x = range(len(COLUMNS))
-        pre = [s.get("pre_" + k) or 0 for _, k in COLUMNS]
-        post = [s.get(k) or 0 for _, k in COLUMNS]
-        ax.bar([i - 0.2 for i in x], pre, 0.4, label="pre-edit", color="#9aa5b1")
-        ax.bar([i + 0.2 for i in x], post, 0.4, label="post-edit", color="#d1495b")
-        ax.set_xticks(list(x), [c for c, _ in COLUMNS])
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{s.get('method')} · {Path(run).name} ({s['cases']} cases)", fontsize=9)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    labelled = list(zip(runs, _labels(runs)))
+    drawn = [(r, lab) for r, lab in labelled if r.final_rows()]
+    failed = [(r, lab) for r, lab in labelled if not r.final_rows()]
+    shared = _shared_pre([r for r, _ in drawn])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bars = []                                           # (values [n, 3], colour, hatched, legend label)
+    if shared:
+        first = drawn[0][0].scores("pre_")
+        bars.append((first, "#9aa5b1", True, f"unedited (the same {len(first)} cases)"))
+    for i, (r, lab) in enumerate(drawn):
+        color, pre = colors[i % len(colors)], r.scores("pre_")
+        if not shared and not np.isnan(pre).all():
+            bars.append((pre, color, True, f"{lab}: unedited"))
+        edited = "edited" if r.last_checkpoint is None else f"after {r.last_checkpoint} edits"
+        bars.append((r.scores(), color, False, f"{lab}: {edited}, {_counts(r)}"))
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.0), layout="constrained")
+    width = 0.8 / max(1, len(bars))
+    x = np.arange(len(COLUMNS))
+    for j, (values, color, hatched, label) in enumerate(bars):
+        point, ci = _point(values), bootstrap(values)
+        shown = ~np.isnan(point)
+        err = np.abs(ci - point[:, None]).T                         # [2, 4]: below, above
+        at = x[shown] + (j - (len(bars) - 1) / 2) * width
+        ax.bar(at, point[shown], width * 0.92, label=label, color="white" if hatched else color, edgecolor=color,
+               hatch="///" if hatched else None, linewidth=1.0, yerr=err[:, shown], capsize=2.5,
+               error_kw={"elinewidth": 0.9, "ecolor": "#333333"})
+        for xi, top, v in zip(at, ci[shown, 1], point[shown]):     # the value above its interval
+            ax.text(xi, max(top, v) + 0.015, f"{v:.2f}", ha="center", va="bottom", fontsize=6.5, color="#333333")
+    ax.set_xticks(x, ["ES\nefficacy", "PS\nparaphrase", "NS\nneighbourhood", "S\nharmonic mean"])
+    ax.set_ylim(0, 1.12)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("score (mean over cases)")
+    ax.yaxis.grid(True, linewidth=0.5, alpha=0.5)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    models = sorted({str(r.summary.get("model")) for r in runs})
+    datasets = sorted({DATASETS.get(r.dataset, r.dataset) for r in runs})
+    ax.set_title(f"{', '.join(models)} · {', '.join(datasets)}", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    if drawn:
+        handles.append(Patch(facecolor="none", edgecolor="none"))
+        labels.append("error bars: 95% bootstrap CI over cases")
+    notes = [f"{lab}: all {len(set(r.cols.get('case_id', [])))} cases failed ({_first_error(r)})"
+             if r.cols.get("case_id") else f"{lab}: no results" for r, lab in failed]
+    if notes:
+        handles += [Patch(facecolor="none", edgecolor="none")] * len(notes)
+        labels += [f"not drawn: {note}" for note in notes]
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.savefig(png, dpi=150)
     plt.close(fig)
     return Path(png)
+
+
+def _first_error(run: Run, width: int = 60) -> str:
+    message, _ = run.errors().most_common(1)[0]
+    return message if len(message) <= width else message[:width - 1] + "…"
+
+
+def error_lines(runs: list[Run]) -> str:
+    """One line per run with error rows: how many, and the most common message."""
+    lines = []
+    for r in runs:
+        errors = r.errors()
+        if errors:
+            total = sum(errors.values())
+            message, count = errors.most_common(1)[0]
+            lines.append(f"errors in {r.path}: {total} of {len(r.cols['case_id'])} rows"
+                         f"{' (every case failed, not drawn)' if not r.final_rows() else ''}; "
+                         f"{count}× {message}")
+    return "\n".join(lines)
 
 
 def checkpoint_table(summaries: dict[str, dict]) -> str:
@@ -115,13 +291,11 @@ def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
 
 
 def report(dirs: list[str], png: str | None = None) -> str:
-    summaries = {d: load_summary(d) for d in dirs}
-    for d, s in summaries.items():   # the protocol is in the run's summary.json, not in its rows
-        written = Path(d) / "summary.json"
-        if written.exists():
-            s.setdefault("protocol", json.loads(written.read_text()).get("protocol"))
-    path = plot(summaries, png or Path(dirs[0]) / "report.png")
-    text = f"{table(summaries)}\n\nchart: {path}"
+    runs = [load_run(d) for d in dirs]
+    summaries = {r.path: r.summary for r in runs}
+    path = plot(runs, png or Path(dirs[0]) / "report.png")
+    errors = error_lines(runs)
+    text = f"{table(summaries)}\n" + (f"\n{errors}\n" if errors else "") + f"\nchart: {path}"
     if any(s.get("checkpoints") for s in summaries.values()):
         lifelong = plot_lifelong(summaries, Path(path).with_name("lifelong.png"))
         text += f"\n\n{checkpoint_table(summaries)}\n\nES/PS/NS vs number of edits: {lifelong}"

@@ -88,6 +88,12 @@ class TraceDict(dict, contextlib.AbstractContextManager):
         return exc_type is StopForward
 
 
+def token_grid(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A module's input or output x as [batch, time, d] for the batch `ids` [batch, time]: inside a mixture of
+    experts the tokens arrive flattened to [batch·time, d] (Qwen2-MoE's shared expert)."""
+    return x.reshape(*ids.shape[:2], x.shape[-1])
+
+
 def weight_of(module: nn.Module) -> torch.Tensor:
     """W as [out, in], a view of the parameter (GPT-2's Conv1D stores it transposed)."""
     return module.weight.T if type(module).__name__ == "Conv1D" else module.weight

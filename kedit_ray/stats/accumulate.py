@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kedit_ray.models import LM, StopForward, TraceDict
+from kedit_ray.models import LM, StopForward, TraceDict, token_grid
 
 
 @dataclass
@@ -79,9 +79,9 @@ def add_batch(lm: LM, layers: list[int], module: str, ids: torch.Tensor, mask: t
     deepest = next(reversed(names))
     keep = mask.bool()
 
-    def take(k: torch.Tensor, name: str) -> torch.Tensor:   # k: [batch, time, d_in], the module's input
+    def take(k: torch.Tensor, name: str) -> torch.Tensor:   # k: [batch, time, d_in] (or flat), the module's input
         on = keep.to(k.device)
-        g = gram(k[on] if not on.all() else k.reshape(-1, k.shape[-1]))
+        g = gram(token_grid(k, on)[on] if not on.all() else k.reshape(-1, k.shape[-1]))
         layer = names[name]
         if layer not in part.sums:
             part.sums[layer] = torch.zeros(g.shape, dtype=torch.float64, device=g.device)

@@ -35,6 +35,7 @@ def default_cache() -> Path:
 
 
 def context_length(config) -> int:
+    config = config.get_text_config()          # an image-text model: its text model's
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
 
 

@@ -73,7 +73,6 @@ def _max_len(lm: LM | str, max_len: int | None) -> int:
         from kedit_ray.models.loading import resolve
 
         config = AutoConfig.from_pretrained(resolve(lm))
-        config = getattr(config, "text_config", None) or config
     else:
         config = lm.model.config
     return min(sc.context_length(config), 1024)

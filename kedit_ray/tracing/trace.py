@@ -138,8 +138,8 @@ def noise_std(lm: LM, texts: list[str]) -> float:
 
 
 def _probs(logits: torch.Tensor, r: int) -> torch.Tensor:
-    """p(r) for each row of [rows, V] logits."""
-    logits = logits.float()
+    """p(r) for each row of [rows, V] logits, in float32 (float64 for a float64 model)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return (logits[:, r] - logits.logsumexp(-1)).exp()
 
 
@@ -166,7 +166,7 @@ def prepare(lm: LM, prompt: str, subject: str, sigma: float, params: TraceParams
         logits = lm.model(input_ids=ids).logits[0]
     r = int(logits[0].argmax())
     gen = torch.Generator().manual_seed(params.seed)
-    noise = sigma * torch.randn(S, len(subj), lm.model.config.hidden_size, generator=gen)
+    noise = sigma * torch.randn(S, len(subj), lm.model.config.get_text_config().hidden_size, generator=gen)
     blocks = [lm.arch.name("layer", l) for l in range(L)]
     with Trace(lm.model, lm.arch.embed, edit_output=_add_noise(subj, noise)), \
             TraceDict(lm.model, blocks, retain_input=True) as entry, _last(lm, S, T - 1):
@@ -222,7 +222,7 @@ def _restored_pass(lm: LM, run: Runs, restores: list[Restore], lo: int, t: int) 
 def _head_probs(lm: LM, h: torch.Tensor, r: int) -> torch.Tensor:
     """p(r) from final hidden states [rows, d]: the LM head (and the logit soft cap, where the model has one)."""
     logits = lm.model.get_submodule(lm.arch.lm_head)(h)
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    cap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return _probs(logits, r)
@@ -246,7 +246,7 @@ def restored_probs(lm: LM, run: Runs, restores: list[Restore], max_rows: int = 2
     h = torch.cat([f.to(dev) for f in finals])
     with torch.no_grad():
         p = torch.cat([_head_probs(lm, h[i:i + max_rows], run.answer) for i in range(0, len(h), max_rows)])
-    out = torch.empty(len(restores))
+    out = torch.empty(len(restores), dtype=p.dtype)
     out[order] = p.view(-1, S).mean(1).cpu()
     return out
 

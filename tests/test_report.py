@@ -1,0 +1,62 @@
+"""`kedit report`: the figure of two fake runs (one with error rows, one whose every case failed) and the bootstrap
+intervals over cases."""
+from __future__ import annotations
+
+import numpy as np
+
+from kedit_ray.distributed.sink import PartWriter
+from kedit_ray.eval.report import bootstrap, load_run, report
+
+
+def fake_run(out, method: str, n: int, errors: int, seed: int = 0) -> str:
+    """n cases of 0/1 scores (`errors` of them error rows), written as `kedit eval` writes them."""
+    rng = np.random.default_rng(seed)
+    with PartWriter(out, rows=8) as w:
+        for i in range(n):
+            if i < errors:
+                w.add({"case_id": i, "method": method, "model": "tiny", "worker": "w0",
+                       "error": f"ValueError: case {i} has no target"})
+                continue
+            post, pre = rng.random(3) < (0.9, 0.7, 0.6), rng.random(3) < (0.1, 0.2, 0.9)
+            w.add({"case_id": i, "method": method, "model": "tiny", "worker": "w0", "error": None, "cov": "identity",
+                   **{k: float(v) for k, v in zip(("efficacy_score", "paraphrase_score", "neighborhood_score"), post)},
+                   **{f"pre_{k}": float(v) for k, v in zip(("efficacy_score", "paraphrase_score",
+                                                             "neighborhood_score"), pre)}})
+    return str(out)
+
+
+def test_report_draws_runs_and_names_their_errors(tmp_path):
+    good = fake_run(tmp_path / "rome", "rome", 32, errors=2)
+    bad = fake_run(tmp_path / "grace", "grace", 3, errors=3)
+    png = tmp_path / "fig" / "report.png"
+    png.parent.mkdir()
+    text = report([good, bad], str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    assert f"errors in {good}: 2 of 32 rows; 1× ValueError: case 0 has no target" in text
+    assert f"errors in {bad}: 3 of 3 rows (every case failed, not drawn)" in text
+    assert f"chart: {png}" in text
+    run = load_run(good)
+    assert len(run.final_rows()) == 30 and run.summary["errors"] == 2 and run.scores().shape == (30, 3)
+    assert np.allclose(run.scores().mean(0), [run.summary[k] for k in ("efficacy_score", "paraphrase_score",
+                                                                       "neighborhood_score")])
+    assert load_run(bad).final_rows() == []
+
+
+def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small = (rng.random((20, 3)) < (0.8, 0.6, 0.7)).astype(float)
+    large = (rng.random((1000, 3)) < (0.8, 0.6, 0.7)).astype(float)
+    for scores in (small, large):
+        ci = bootstrap(scores)
+        means = scores.mean(0)
+        point = np.append(means, 3 / (1 / means).sum())                     # ES, PS, NS and S
+        assert ci.shape == (4, 2) and (ci[:, 0] <= point).all() and (point <= ci[:, 1]).all()
+    assert ((bootstrap(large)[:, 1] - bootstrap(large)[:, 0]) < (bootstrap(small)[:, 1] - bootstrap(small)[:, 0])).all()
+    assert (bootstrap(small) == bootstrap(small)).all()                      # a fixed seed
+    constant = np.ones((15, 3)) * (1.0, 0.5, 0.0)
+    ci = bootstrap(constant)
+    assert (ci[:, 0] == ci[:, 1]).all() and ci[3].tolist() == [0.0, 0.0]   # S = 0 when a score is 0
+    with_nan = small.copy()
+    with_nan[:, 2] = np.nan                                                  # NS not measured: no S either
+    assert np.isnan(bootstrap(with_nan)[2:]).all() and not np.isnan(bootstrap(with_nan)[:2]).any()
+    assert np.isnan(bootstrap(np.empty((0, 3)))).all()
