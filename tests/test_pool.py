@@ -71,6 +71,22 @@ def test_in_process_pool_refuses_other_weights():
             pass
 
 
+def test_three_workers_of_half_a_cpu_start_a_local_ray_that_holds_them(monkeypatch):
+    """(Before any test here initialises Ray.) 3 × 0.5 CPU: the local Ray gets the CPUs for all three, not
+    int(1.5) = 1, and is shut down by the pool that started it."""
+    import ray
+    from fake_worker import FakeWorker
+
+    from kedit_ray.distributed.pool import open_pool
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not ray.is_initialized()
+    with open_pool(FakeWorker, (), Resources(3, cpus_per_worker=0.5)) as pool:
+        assert len(pool.infos) == 3 and ray.cluster_resources()["CPU"] >= 1.5
+    assert not ray.is_initialized()
+
+
 @pytest.fixture(scope="module")
 def logical_gpus():
     """A local Ray with two logical GPUs on this CPU machine; the tests' modules on the workers' path."""
