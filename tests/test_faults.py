@@ -20,7 +20,7 @@ import pytest
 from conftest import make_tiny_lm
 from ray_procs import MARK, KillWhenBusy, kill, marked, new_mark
 from test_protocols import cases
-from test_stats import rel, write_corpus
+from test_stats import write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -143,6 +143,8 @@ def test_sequential_alphaedit_survives_a_killed_worker(cluster, tiny_dir, tmp_pa
 
 
 def test_stats_survive_a_killed_worker(cluster, tiny_dir, tmp_path):
+    """Against an uninterrupted run on the same workers (one thread each, so each shard's sums are the same
+    arithmetic): the C differ only by the order the float64 shard sums were added in, far below 1e-6."""
     from kedit_ray.models import load
     from kedit_ray.stats import compute_stats, layer_stats
 
@@ -151,16 +153,16 @@ def test_stats_survive_a_killed_worker(cluster, tiny_dir, tmp_path):
     kw = dict(corpus=text, samples=40, dtype="float64", shard_docs=2, progress=False)
     killer = KillWhenBusy(mark, "ray::ModelWorker.stats_shard")
     killer.start()
-    two = compute_stats(tiny_dir, [0, 2], cache=tmp_path / "ray", workers=2, **kw)
+    killed = compute_stats(tiny_dir, [0, 2], cache=tmp_path / "killed", workers=2, **kw)
     killer.join()
     assert killer.killed is not None
-    one = compute_stats(tiny_dir, [0, 2], cache=tmp_path / "one", workers=1, **kw)
+    whole = compute_stats(tiny_dir, [0, 2], cache=tmp_path / "whole", workers=2, **kw)
     lm = load(tiny_dir)
-    for a, b in zip(one, two):
-        assert a["count"] == b["count"] and a["documents"] == b["documents"]
+    for a, b in zip(whole, killed):
+        assert a["count"] == b["count"] and a["documents"] == b["documents"] == 40
         ca, cb = (layer_stats(lm, a["layer"], cache=tmp_path / d, compute=False, corpus=text, samples=40,
-                              dtype="float64")[0] for d in ("one", "ray"))
-        assert rel(cb, ca) < 1e-6
+                              dtype="float64")[0] for d in ("whole", "killed"))
+        assert float((cb - ca).norm() / ca.norm()) < 1e-6
 
 
 def test_trace_survives_a_killed_worker(cluster, tmp_path):
@@ -185,11 +187,11 @@ def test_trace_survives_a_killed_worker(cluster, tmp_path):
 
     killer = KillWhenBusy(mark, "ray::TraceWorker.trace")
     killer.start()
-    ray_run = trace("--out", str(tmp_path / "ray"), "--workers", "2")
+    killed = trace("--out", str(tmp_path / "killed"), "--workers", "2")
     killer.join()
-    local = trace("--out", str(tmp_path / "local"))
-    assert killer.killed is not None and ray_run["traced"] == local["traced"] == 4 and not ray_run["errors"]
-    np.testing.assert_allclose(ray_run["ie"]["mlp"]["last_subject"], local["ie"]["mlp"]["last_subject"], atol=1e-6)
+    whole = trace("--out", str(tmp_path / "whole"), "--workers", "2")   # each fact: the same arithmetic
+    assert killer.killed is not None and killed["traced"] == whole["traced"] == 4 and not killed["errors"]
+    np.testing.assert_allclose(killed["ie"]["mlp"]["last_subject"], whole["ie"]["mlp"]["last_subject"], atol=1e-6)
 
 
 def test_a_node_removed_mid_run(cluster, tmp_path):
