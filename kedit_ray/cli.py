@@ -14,8 +14,8 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from kedit_ray.options import (HelpFormatter, UsageError, add_model_args, add_ray_args, count, ints, layers, positive,
-                               templates)
+from kedit_ray.options import (HelpFormatter, UsageError, add_model_args, add_ray_args, count, ints, layers, model_kw,
+                               positive, templates)
 
 DEMO = dict(prompt="The {} is located in the city of", subject="Space Needle", target_new="Goa",
             target_true="Seattle", paraphrase=["The Space Needle can be found in the city of"],
@@ -132,18 +132,30 @@ def make_checked_editor(args: argparse.Namespace):
 def cmd_edit(args: argparse.Namespace) -> int:
     import torch
 
+    from kedit_ray import export
     from kedit_ray.models import load
     from kedit_ray.models.loading import check_model
     from kedit_ray.requests import EditRequest, InvalidRecord
 
+    editor = make_checked_editor(args)
+    if args.save_model:   # refused before any work is done
+        if args.method == "grace":
+            raise UsageError(f"--save-model: {export.GRACE_REFUSAL}")
+        try:
+            export.check_out_dir(args.save_model)
+        except FileExistsError as e:
+            raise UsageError(f"--save-model: {e}") from None
+    if args.requests:
+        return _edit_requests(args, editor)
+    if not (args.prompt and args.subject and args.target_new):
+        raise UsageError("--prompt, --subject and --target-new are required (or --requests FILE)")
     try:
         req = EditRequest(0, args.subject, args.prompt, args.target_new, args.target_true or "").validate()
     except InvalidRecord as e:
         raise UsageError(f"--{e.field.replace('_', '-')}: {e.reason}") from None
-    editor = make_checked_editor(args)
     check_model(args.model)
     print(f"[kedit] loading {args.model}", flush=True)
-    lm = load(args.model, device_map=args.device_map, templates=templates(args))
+    lm = load(args.model, **model_kw(args))
     prompts = [("prompt", req.text)] + [("paraphrase", p) for p in args.paraphrase or []] + \
               [("neighbour", p) for p in args.neighbor or []]
 
@@ -168,6 +180,38 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.save:
         delta.save(args.save)
         print(f"\nsaved the delta to {args.save}")
+    if args.save_model:
+        print(f"saved the edited model to {export.save_edited(lm, delta, args.save_model)}")
+    return 0
+
+
+def _edit_requests(args: argparse.Namespace, editor) -> int:
+    """`kedit edit --requests FILE`: every request in one delta (MEMIT/AlphaEdit: one batch; others: in turn)."""
+    from kedit_ray import export
+    from kedit_ray.datasets import load_requests
+    from kedit_ray.models import load
+    from kedit_ray.models.loading import check_model
+
+    requests, _ = load_requests(args.requests, "auto")
+    if not requests:
+        raise UsageError(f"--requests {args.requests}: no records")
+    check_model(args.model)
+    lm = load(args.model, **model_kw(args))
+    delta = export.edit_all(editor, lm, requests)
+    print(f"{args.method.upper()}: {len(requests)} edits from {args.requests} in one delta")
+    if args.save:
+        print(f"saved the delta to {delta.save(args.save)}")
+    if args.save_model:
+        print(f"saved the edited model to {export.save_edited(lm, delta, args.save_model)}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from kedit_ray.export import apply_deltas
+
+    out = apply_deltas(args.model, args.delta, args.out, args.dtype, args.device_map, args.max_memory,
+                       templates(args))
+    print(f"saved {args.model} with {len(args.delta)} delta(s) applied to {out}")
     return 0
 
 
@@ -175,9 +219,10 @@ def add_edit_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     add_model_args(p)
     add_editor_args(p)
     d = DEMO if demo else {}
-    p.add_argument("--prompt", default=d.get("prompt"), required=not demo, help="template with {} for the subject")
-    p.add_argument("--subject", default=d.get("subject"), required=not demo, help="s, the subject")
-    p.add_argument("--target-new", default=d.get("target_new"), required=not demo, help="o*, the new object")
+    p.add_argument("--prompt", default=d.get("prompt"), help="template with {} for the subject (required without "
+                                                             "--requests)")
+    p.add_argument("--subject", default=d.get("subject"), help="s, the subject (required without --requests)")
+    p.add_argument("--target-new", default=d.get("target_new"), help="o*, the new object (required without --requests)")
     p.add_argument("--target-true", default=d.get("target_true"), help="o, the true object (default: none)")
     p.add_argument("--paraphrase", action="append", default=d.get("paraphrase"),
                    help="a paraphrase of the prompt whose predictions to show (repeatable; default: none)")
@@ -185,6 +230,12 @@ def add_edit_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="an unrelated prompt that must keep its answer (repeatable; default: none)")
     p.add_argument("--top-k", type=positive, default=5, help="predictions shown per prompt")
     p.add_argument("--save", default=None, help="write the delta as safetensors to this path (default: not saved)")
+    p.add_argument("--save-model", default=None, metavar="DIR",
+                   help="write the edited model as a Hugging Face directory that plain transformers loads "
+                        "(default: not saved)")
+    p.add_argument("--requests", default=None, metavar="FILE",
+                   help="edit every request in FILE (JSON, JSONL or Parquet) into one delta, instead of --prompt "
+                        "(default: none)")
 
 
 # ---------------------------------------------------------------- eval / report
@@ -263,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kedit_ray.io import file_sha256
     from kedit_ray.spec import EvalSpec, ModelSpec, Resources
 
-    spec = EvalSpec(ModelSpec(args.model, templates(args), device_map=args.device_map), args.method,
+    spec = EvalSpec(ModelSpec.from_kw(args.model, **model_kw(args)), args.method,
                     editor_params(args), args.dataset, str(Path(args.data).resolve()), file_sha256(args.data),
                     args.fluency, args.protocol, args.batch_size, args.checkpoints, [r.case_id for r in held_out],
                     resources=Resources.from_args(args))
@@ -328,7 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_args(command("edit", "edit one fact and show top predictions before and after"))
     add_edit_args(command("demo", "the Space Needle → Goa edit on the default model"), demo=True)
     add_eval_args(command("eval", "evaluate an editor on a dataset across Ray workers"))
-    p = command("report", "aggregate table and pre/post chart of eval runs")
+    p = command("apply", "apply saved deltas to a model and write it as a Hugging Face directory")
+    add_model_args(p)
+    p.add_argument("--delta", action="append", required=True,
+                   help="a delta file (`kedit edit --save`); repeat to apply several, in order")
+    p.add_argument("--out", required=True, help="the directory to write (absent or empty)")
+    p = command("report", "aggregate table and figure (95% bootstrap intervals) of eval runs")
     p.add_argument("dirs", nargs="+", help="eval --out directories")
     p.add_argument("--png", default=None, help="chart path (default: DIR/report.png of the first DIR)")
     for name, module in PLUGINS.items():
@@ -338,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PLUGINS = {"stats": "kedit_ray.stats.command", "trace": "kedit_ray.tracing.command", "train": "kedit_ray.train"}
-COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report}
+COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report, "apply": cmd_apply}
 
 
 def one_line(exc: BaseException) -> str:

@@ -74,12 +74,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"an embedded model ({names}), a local Hugging Face directory, a .gguf file or a hub id")
     p.add_argument("--device-map", default=None,
-                   help="accelerate device map: 'auto', a JSON map, or the path of a JSON file holding one "
-                        "(default: the whole model on one device)")
-    g = p.add_argument_group("architecture templates, for models the registry does not know ({} = layer index)")
+                   help="accelerate device map: 'auto', a JSON map, or the path of a JSON file holding one; \"disk\" "
+                        "or \"cpu\" entries offload those modules (default: the whole model on one device)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype; k*, v*, C and the solves stay float32/float64")
+    p.add_argument("--max-memory", default=None,
+                   help="accelerate's max_memory per device, JSON or a JSON file, e.g. '{\"0\": \"20GiB\", \"cpu\": "
+                        "\"60GiB\"}' (default: none; given, it implies --device-map auto)")
+    g = p.add_argument_group("architecture templates ({} = layer index); given, they override the registry and the "
+                             "modules found from the model's structure")
     for field, flag in TEMPLATE_FLAGS.items():
         g.add_argument(flag, dest=f"tpl_{field}", default=None, metavar="TEMPLATE",
-                       help=f"module name template of the {field.replace('_', ' ')} (default: from the registry)")
+                       help=f"module name template of the {field.replace('_', ' ')} (default: from the registry, "
+                            "else from the model's structure)")
 
 
 def templates(args: argparse.Namespace) -> dict[str, str]:
@@ -89,7 +96,8 @@ def templates(args: argparse.Namespace) -> dict[str, str]:
 
 def model_kw(args: argparse.Namespace) -> dict:
     """What kedit_ray.models.load takes from the model options, besides the name."""
-    return {"device_map": args.device_map, "templates": templates(args)}
+    return {"device_map": args.device_map, "dtype": args.dtype, "max_memory": args.max_memory,
+            "templates": templates(args)}
 
 
 def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:

@@ -33,17 +33,24 @@ class ModelSpec:
     templates: dict[str, str] = field(default_factory=dict)
     dtype: str = "float32"
     device_map: str | dict | None = None
-    max_memory: dict | None = None
+    max_memory: str | dict | None = None
+
+    @classmethod
+    def from_kw(cls, name: str, templates: dict | None = None, dtype: str = "float32",
+                device_map: str | dict | None = None, max_memory: str | dict | None = None) -> ModelSpec:
+        """From the model options (kedit_ray.options.model_kw), the maps parsed here: a JSON file is read on the
+        driver's machine, and each worker places its model by the maps themselves."""
+        from kedit_ray.models.loading import parse_map
+
+        return cls(name, dict(templates or {}), dtype, parse_map(device_map, "--device-map"),
+                   parse_map(max_memory, "--max-memory"))
 
     def load(self, device_map: str | dict | None = None):
         """The LM, on `device_map` (the placement the worker decided; see distributed.worker.placement)."""
-        import torch
-
         from kedit_ray.models import load
 
-        extra = {"max_memory": self.max_memory} if self.max_memory is not None else {}
-        return load(self.name, device_map=device_map, dtype=getattr(torch, self.dtype), templates=self.templates,
-                    **extra)
+        return load(self.name, device_map=device_map, dtype=self.dtype, templates=self.templates,
+                    max_memory=self.max_memory)
 
 
 @dataclass

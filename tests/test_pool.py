@@ -18,8 +18,12 @@ TESTS = str(Path(__file__).resolve().parent)
 def test_placement_with_cuda_and_without():
     assert placement([], None, 0) == (None, "cpu")
     assert placement([], None, 2) == (None, "cpu")                       # GPUs there, none assigned: the CPU
-    device_map, said = placement([], "auto", 2)
-    assert device_map is None and "--device-map auto set aside" in said
+    for gpu_map in ("auto", {"model": 0, "lm_head": "cpu"}):             # maps that would take a GPU not reserved
+        device_map, said = placement([], gpu_map, 2)
+        assert device_map is None and f"--device-map {gpu_map} set aside" in said
+    offload = {"model.layers.0": "cpu", "model.layers.1": "disk"}
+    assert placement([], offload, 2)[0] == offload                        # CPU and disk only: kept
+    assert placement([], "auto", 0)[0] == "auto"                          # no GPU to take: kept
     assert placement([3], None, 1) == ({"": 0}, "GPU [3]")                # Ray's id 3 is CUDA's 0 in the worker
     assert placement([0, 1], None, 2) == ("auto", "GPU [0, 1]")
     assert placement([0, 1], {"model": 1}, 2)[0] == {"model": 1}          # the user's map, on assigned GPUs

@@ -23,8 +23,7 @@ def stats_pool(lm: LM | str, resources: Resources, load_kw: dict | None = None):
     """Workers holding the model `lm`: a name (loaded with `load_kw`'s device_map and templates), or a loaded LM
     whose name they load and whose fingerprint they must match."""
     if isinstance(lm, str):
-        kw = load_kw or {}
-        spec, expected = ModelSpec(lm, kw.get("templates") or {}, device_map=kw.get("device_map")), None
+        spec, expected = ModelSpec.from_kw(lm, **(load_kw or {})), None
     else:
         spec = ModelSpec(lm.name, dict(lm.arch.__dict__), str(lm.model.dtype).removeprefix("torch."))
         expected = lm.fingerprint

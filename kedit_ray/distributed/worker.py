@@ -24,20 +24,23 @@ from kedit_ray.spec import ModelSpec
 
 def placement(gpus: list, requested: str | dict | None, cuda_devices: int) -> tuple[str | dict | None, str]:
     """(device_map for `load`, a description) for a worker assigned `gpus` (Ray's ids; with Ray, CUDA numbers
-    them 0..n-1 in the worker), with the user's --device-map `requested`, in a process that sees `cuda_devices`.
+    them 0..n-1 in the worker), with the user's --device-map `requested` (parsed), in a process that sees
+    `cuda_devices` CUDA devices.
 
-    No GPU assigned: the CPU, whatever --device-map says (a GPU not reserved is another worker's), said in the
-    description. GPUs assigned: `requested` if given, else one GPU whole ({"": 0}) or accelerate's "auto" over
-    all of them. GPUs assigned to a torch without CUDA: the CPU, said in the description."""
-    if not gpus:
+    GPUs assigned (and seen): `requested` if given, else one GPU whole ({"": 0}) or accelerate's "auto" over all
+    of them. No GPU assigned (or none seen): the CPU; `requested` is kept when it can put nothing on a GPU (a map
+    of "cpu" and "disk" only, or any map when no GPU is seen) and set aside otherwise (a GPU not reserved is
+    another worker's), which the description says."""
+    if gpus and cuda_devices:
         if requested is not None:
-            return None, f"cpu (--device-map {requested} set aside: no GPU assigned, see --gpus-per-worker)"
-        return None, "cpu"
-    if cuda_devices == 0:
-        return None, f"cpu (GPU {gpus} assigned, but this torch sees no CUDA device)"
-    if requested is not None:
-        return requested, f"GPU {gpus}, device map {requested}"
-    return ({"": 0} if cuda_devices == 1 else "auto"), f"GPU {gpus}"
+            return requested, f"GPU {gpus}, device map {requested}"
+        return ({"": 0} if cuda_devices == 1 else "auto"), f"GPU {gpus}"
+    why = f" (GPU {gpus} assigned, but this torch sees no CUDA device)" if gpus else ""
+    if requested is None:
+        return None, f"cpu{why}"
+    if cuda_devices == 0 or (isinstance(requested, dict) and {str(v) for v in requested.values()} <= {"cpu", "disk"}):
+        return requested, f"cpu, device map {requested}{why}"
+    return None, f"cpu (--device-map {requested} set aside: no GPU assigned, see --gpus-per-worker){why}"
 
 
 @dataclass(frozen=True)

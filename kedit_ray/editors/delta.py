@@ -12,6 +12,7 @@ from torch import nn
 
 from kedit_ray.io import save_tensors
 from kedit_ray.models.hooks import get_module, weight_of
+from kedit_ray.models.weights import set_weight, weight
 
 
 class Edit(abc.ABC):
@@ -41,25 +42,29 @@ class Delta(Edit):
         self._backup: dict[str, torch.Tensor] | None = None
 
     def apply(self, model: nn.Module) -> Delta:
+        """W' = W + ΔW for each module, summed in float32 (or wider) and cast once to W's dtype, on W's device
+        (the offload store's, for an offloaded module: see kedit_ray.models.weights)."""
         if self._backup is not None:
             raise RuntimeError("this delta is already applied; revert it first")
-        self._backup = {}
+        for name, d in self.deltas.items():   # check every shape first: a refused delta changes nothing
+            shape = weight_of(get_module(model, name)).shape
+            if shape != d.shape:
+                raise ValueError(f"delta for {name} has shape {tuple(d.shape)}, the weight has {tuple(shape)}")
+        backup = {}
         for name, d in self.deltas.items():
-            w = weight_of(get_module(model, name))
-            if w.shape != d.shape:
-                raise ValueError(f"delta for {name} has shape {tuple(d.shape)}, the weight has {tuple(w.shape)}")
-            self._backup[name] = w.detach().clone()
-            with torch.no_grad():
-                w.add_(d.to(w.device, w.dtype))
+            w = weight(model, name)
+            backup[name] = w.detach().clone()
+            acc = torch.promote_types(torch.promote_types(w.dtype, d.dtype), torch.float32)
+            set_weight(model, name, (w.to(acc) + d.to(w.device, acc)).to(w.dtype))
+        self._backup = backup
         return self
 
     def revert(self, model: nn.Module) -> None:
         """Restore the exact weights seen by `apply` (a copy, not a subtraction: bit for bit)."""
         if self._backup is None:
             raise RuntimeError("this delta is not applied")
-        with torch.no_grad():
-            for name, w0 in self._backup.items():
-                weight_of(get_module(model, name)).copy_(w0)
+        for name, w0 in self._backup.items():
+            set_weight(model, name, w0)
         self._backup = None
 
     def norms(self) -> dict[str, float]:

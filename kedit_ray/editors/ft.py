@@ -65,7 +65,7 @@ class FT:
         hp, t0 = self.hp, time.perf_counter()
         layer = self.layer(lm)
         name = lm.arch.name(hp.module, layer)
-        w = weight_of(get_module(lm.model, name))
+        shape = weight_of(get_module(lm.model, name)).shape
         ctx, y = lm.tok(request.text).input_ids, target_ids(lm, request.target_new)
         ids = torch.tensor([ctx + y[:-1]], device=lm.input_device)
         mask = torch.ones_like(ids)
@@ -77,7 +77,7 @@ class FT:
         cols = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(y), device=dev)
         tgt = torch.tensor(y, device=dev)
 
-        dw = torch.zeros_like(w, dtype=torch.float32, requires_grad=True)   # ΔW [out, in]
+        dw = torch.zeros(shape, device=lm.device_of(name), requires_grad=True)   # ΔW [out, in], float32
         opt = torch.optim.Adam([dw], lr=hp.lr)
 
         def hook(_m, args, kwargs, out):                                # W' x = W x + ΔW x
@@ -100,7 +100,7 @@ class FT:
                         dw.clamp_(-hp.norm_constraint, hp.norm_constraint)
         finally:
             handle.remove()
-        return Delta({name: dw.detach().to(w.dtype)}, {
+        return Delta({name: dw.detach()}, {   # float32; Delta.apply casts W + ΔW once to W's dtype
             "method": self.name, "model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "module": name,
             "case_id": request.case_id, "v_steps": steps, "v_nll": nll, "params": asdict(hp),
             "value_s": time.perf_counter() - t0})

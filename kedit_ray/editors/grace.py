@@ -220,8 +220,8 @@ class Grace:
                                         retain_output=True, stop=True) as tr:
             lm.model(input_ids=ids, attention_mask=mask)
         cached = tr[block].input                                          # residual entering the layer
-        h = token_grid(tr[name].input, ids)[0, len(ctx) - 1]              # the query h^{l-1}
-        v0 = token_grid(tr[name].output, ids)[0, len(ctx) - 1]            # warm start: the output there now
+        h = token_grid(tr[name].input, ids)[0, len(ctx) - 1].float()      # the query h^{l-1}
+        v0 = token_grid(tr[name].output, ids)[0, len(ctx) - 1].float()    # warm start: the output there now
 
         cur = active_adaptor(lm.model, name)
         keys = cur.keys.to(h.device) if cur is not None else h.new_zeros(0, h.shape[0])

@@ -370,8 +370,7 @@ class LearnedEditor:
         first = min(net.cfg.layers)
         grads = base_pass(lm, names, first, rows)
         deltas = net(grads, *conditioning(lm, rows, net.conditioned))
-        w = {n: weight_of(get_module(lm.model, n)) for n in names}
-        return Delta({n: d[0].to(w[n].device, w[n].dtype) for n, d in deltas.items()}, {
+        return Delta({n: d[0].float() for n, d in deltas.items()}, {   # Delta.apply casts once to W's dtype
             "method": self.name, "model": lm.name, "fingerprint": lm.fingerprint, "layers": net.cfg.layers,
             "modules": names, "case_id": request.case_id, "editor_checkpoint": str(self.hp.editor_checkpoint),
             "trained_steps": meta["step"], "value_s": time.perf_counter() - t0})

@@ -78,7 +78,7 @@ class Rome(UsesCovariance):
         t4 = time.perf_counter()
         timings = {"setup_s": t1 - t0, "key_s": t2 - t1, "value_s": t3 - t2, "solve_s": t4 - t3}
         name = lm.arch.name("mlp_out", layer)
-        return Delta({name: dw.to(v0.dtype)}, {
+        return Delta({name: dw.float()}, {   # float32; Delta.apply casts W + ΔW once to W's dtype
             "method": self.name, "model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "cov": c_label,
             "case_id": request.case_id, "params": {**asdict(self.hp), "values": asdict(values)}, **info, **timings})
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit_ray.models import LM, Trace, head_at, start_at_layer, token_grid, weight_of
+from kedit_ray.models import LM, Trace, head_at, start_at_layer, token_grid
+from kedit_ray.models.weights import bias, weight
 from kedit_ray.requests import EditRequest
 
 ESSENCE = "{} is a"
@@ -91,8 +92,8 @@ def context_prefixes(lm: LM, n: int = 5, length: int = 10, seed: int = 0) -> lis
 @torch.no_grad()
 def compute_keys(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str],
                  module: str = "mlp_out") -> torch.Tensor:
-    """k* per request: [n_requests, d_in], the module's input at the subject's last token, averaged over
-    the context prefixes. One forward pass, stopped right after the module."""
+    """k* per request: [n_requests, d_in] in float32, the module's input at the subject's last token, averaged
+    over the context prefixes. One forward pass, stopped right after the module."""
     texts = [p + r.text for r in requests for p in prefixes]
     subjects = [r.subject for r in requests for _ in prefixes]
     rows = [lm.tok(t).input_ids for t in texts]
@@ -101,7 +102,7 @@ def compute_keys(lm: LM, layer: int, requests: list[EditRequest], prefixes: list
     with Trace(lm.model, name, retain_input=True, stop=True) as t:
         lm.model(input_ids=ids, attention_mask=mask)
     at = torch.tensor([subject_last_index(lm, x, s) for x, s in zip(texts, subjects)], device=t.input.device)
-    k = token_grid(t.input, ids)[torch.arange(len(texts), device=at.device), at]
+    k = token_grid(t.input, ids)[torch.arange(len(texts), device=at.device), at].float()
     return k.view(len(requests), len(prefixes), -1).mean(1)
 
 
@@ -191,11 +192,12 @@ def target_loss(lm: LM, layer: int, cached: torch.Tensor, ids: torch.Tensor, mas
 
 
 def mlp_out_of(lm: LM, layer: int, keys: torch.Tensor) -> torch.Tensor:
-    """W k (+ b): the MLP output projection's output for keys [n, d_in], on its device and in its dtype."""
-    mod = lm.model.get_submodule(lm.arch.name("mlp_out", layer))
-    w = weight_of(mod)
-    out = keys.to(w.device, w.dtype) @ w.T
-    return out + mod.bias if getattr(mod, "bias", None) is not None else out
+    """W k (+ b) in float32: the MLP output projection's output for keys [n, d_in], on W's device (the keys move
+    there; for an offloaded W, the CPU of its store)."""
+    name = lm.arch.name("mlp_out", layer)
+    w, b = weight(lm.model, name), bias(lm.model, name)
+    out = keys.to(w.device, torch.float32) @ w.float().T
+    return out + b.float() if b is not None else out
 
 
 def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str], keys: torch.Tensor | None,
@@ -212,12 +214,12 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
             Trace(lm.model, lm.arch.name(module, layer), retain_output=True) as out0:
         _, kl0 = _log_probs(lm, b, hp.gather_logits, None, layer)
     cached = t.input if hp.cache_residual else None
+    device = out0.output.device                       # where δ is added: the module's output
     if module == "mlp_out":
-        v0 = mlp_out_of(lm, layer, keys)
+        v0 = mlp_out_of(lm, layer, keys).to(device)
     else:
         first = torch.arange(n_req) * len(prefixes)   # each request's first edit row: its first prefix
-        v0 = out0.output[b.edit_rows[first].to(out0.output.device), b.edit_cols[first].to(out0.output.device)]
-    device = v0.device
+        v0 = out0.output[b.edit_rows[first].to(device), b.edit_cols[first].to(device)].float()
 
     delta = torch.zeros(n_req, v0.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
@@ -228,8 +230,8 @@ def optimize_values(lm: LM, layer: int, requests: list[EditRequest], prefixes: l
     def add_delta(out, _name):
         h = out[0] if isinstance(out, tuple) else out
         at = (part.edit_rows.to(device), part.edit_cols.to(device))
-        h = token_grid(h, part.ids).index_put(at, delta[part.edit_req.to(device)].to(h.dtype), accumulate=True) \
-            .view(h.shape)
+        h = token_grid(h.float(), part.ids).index_put(at, delta[part.edit_req.to(device)], accumulate=True) \
+            .view(h.shape).to(h.dtype)                                  # h + δ in float32, rounded once
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     nll = torch.full((n_req,), float("inf"))

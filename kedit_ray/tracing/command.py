@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kedit_ray.options import add_model_args, add_ray_args, positive, templates
+from kedit_ray.options import add_model_args, add_ray_args, model_kw, positive
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     done = results.finished(out)
     todo = [f for f in selected if f.id not in done]
     params = TraceParams(args.kind, args.window, args.samples, args.seed, args.max_rows)
-    model = ModelSpec(args.model, templates(args), device_map=args.device_map)
+    model = ModelSpec.from_kw(args.model, **model_kw(args))
     skipped, errors = results.read_skipped(out), {}
     with open_pool(TraceWorker, (model, params), Resources.from_args(args), size=max(1, len(todo))) as pool:
         # σ from every prompt of the file, so that it does not depend on --limit
