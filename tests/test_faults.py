@@ -2,7 +2,7 @@
 a worker process killed (SIGKILL) in the middle of its task, for eval (single, batch MEMIT, sequential AlphaEdit),
 stats and trace; a whole node removed mid-run; the driver and all it started killed, then the same command run
 again. Each run ends complete, every case_id once, no error rows; the statistics equal an uninterrupted run's.
-The runs use a tiny random Llama saved to a directory (the workers load it by path)."""
+The runs use a tiny random Llama saved to a directory (conftest's tiny_dir: the workers load it by path)."""
 from __future__ import annotations
 
 import argparse
@@ -50,15 +50,6 @@ def cluster(monkeypatch):
         ray.shutdown()
         c.shutdown()
         kill(marked(mark))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    lm = make_tiny_lm()
-    lm.model.save_pretrained(path)
-    lm.tok.save_pretrained(path)
-    return str(path)
 
 
 def spec(tiny_dir: str, method: str, params: dict, workers: int = 2, **kw):
@@ -165,23 +156,19 @@ def test_stats_survive_a_killed_worker(cluster, tiny_dir, tmp_path):
         assert float((cb - ca).norm() / ca.norm()) < 1e-6
 
 
-def test_trace_survives_a_killed_worker(cluster, tmp_path):
+def test_trace_survives_a_killed_worker(cluster, tiny_dir, tmp_path):
     import numpy as np
 
     from kedit_ray.tracing import command
     from test_tracing import tiny_facts_file
 
     _, _, mark = cluster
-    lm = make_tiny_lm()
-    model = tmp_path / "tiny"
-    lm.model.save_pretrained(model)
-    lm.tok.save_pretrained(model)
-    data = tiny_facts_file(lm, tmp_path)
+    data = tiny_facts_file(make_tiny_lm(), tmp_path)   # the model of tiny_dir: its own answers
 
     def trace(*argv: str) -> dict:
         parser = argparse.ArgumentParser()
         command.add_arguments(parser)
-        common = ["--model", str(model), "--data", str(data), "--samples", "4", "--window", "3", "--no-fact-plots"]
+        common = ["--model", tiny_dir, "--data", str(data), "--samples", "4", "--window", "3", "--no-fact-plots"]
         assert command.run(parser.parse_args(common + list(argv))) == 0
         return json.loads((Path(argv[1]) / "summary.json").read_text())
 

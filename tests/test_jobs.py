@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_lm
 from ray_procs import MARK, kill, marked, new_mark
 from test_protocols import cases
 
@@ -74,20 +73,16 @@ def test_job_arguments(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_eval_job_as_the_readme_says(head, tmp_path):
+def test_eval_job_as_the_readme_says(head, tiny_dir, tmp_path):
     address, env = head
     work = tmp_path / "work"                     # the working directory uploaded: a copy of the repo and the data
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "__pycache__", ".venv"))
     (work / "cases.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in cases(3)))
-    model = tmp_path / "tiny"
-    lm = make_tiny_lm()
-    lm.model.save_pretrained(model)
-    lm.tok.save_pretrained(model)
     out = tmp_path / "runs" / "rome"
 
     def submit(out_arg: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-                               "python", "jobs/evaluate.py", "--method", "rome", "--model", str(model), "--data",
+                               "python", "jobs/evaluate.py", "--method", "rome", "--model", tiny_dir, "--data",
                                "cases.jsonl", "--limit", "2", "--layer", "1", "--no-cov", "--v-steps", "4", "--out",
                                out_arg], cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
