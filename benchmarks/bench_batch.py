@@ -6,8 +6,8 @@
    leaves the batch when its NLL is low enough) against one request at a time (the reference code's loop). One
    process; the two take turns chunk by chunk (the order rotating), so load from other processes falls on both
    alike, and the median of the per-chunk ratios is printed too.
-2. The batch protocol (MEMIT, one batch of `--worker-edits`) through kedit_ray.distributed.batch with 1 and with
-   2 BatchWorkers of `--threads` CPU each: wall time of the parts that run on the workers (pre-edit scores,
+2. The batch protocol (MEMIT, one batch of `--worker-edits`) through kedit_ray.distributed.batch with 1 (in this
+   process) and with 2 BatchWorkers (Ray actors) of `--threads` CPU each: wall time of the parts that run on the workers (pre-edit scores,
    z, keys, post-edit scores) and of the whole run. Needs 2 × threads free cores to mean anything.
 """
 from __future__ import annotations
@@ -67,14 +67,15 @@ def main() -> None:
         return
     del lm
     from kedit_ray.distributed.batch import run_protocol_eval
+    from kedit_ray.spec import EvalSpec, ModelSpec, Resources
 
     parts = ("pre_s", "z_s", "keys_s", "eval_s")
     runs = {}
-    config = {"model": args.model, "method": "memit", "params": {"values": values}, "dataset": "counterfact"}
     for workers in (1, 2):
+        spec = EvalSpec(ModelSpec(args.model), "memit", {"values": values}, "counterfact", protocol="batch",
+                        batch_size=args.worker_edits, resources=Resources(workers, args.threads))
         with tempfile.TemporaryDirectory(prefix="memit_bench_") as out:
-            s = run_protocol_eval(config, cases[:args.worker_edits], out, workers, "batch", args.worker_edits,
-                                  cpus_per_worker=args.threads)
+            s = run_protocol_eval(spec, cases[:args.worker_edits], out)
         runs[workers] = {"parallel": sum(s["timings"].get(p, 0.0) for p in parts), "wall": s["wall_seconds"],
                          **s["timings"], "ES": s["efficacy_score"]}
     print(f"\nbatch protocol, MEMIT, {args.worker_edits} edits in one batch, {args.threads} CPU per worker")

@@ -28,12 +28,13 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from kedit_ray.datasets import load_requests
     from kedit_ray.eval.runner import CaseRunner
+    from kedit_ray.spec import EvalSpec, ModelSpec
 
     torch.set_num_threads(args.threads)
     params = {"use_cov": False} if args.no_cov else {"stats_corpus": args.stats_corpus,
                                                       "stats_samples": args.stats_samples}
-    runner = CaseRunner({"model": args.model, "method": "rome", "params": params, "dataset": "counterfact",
-                         "dtype": args.worker})
+    model = ModelSpec(args.model, dtype=args.worker)
+    runner = CaseRunner(EvalSpec(model, "rome", params, "counterfact"), model.load())
     cases, _ = load_requests(args.data, "counterfact", limit=args.cases)
     rows = []
     for case in cases:

@@ -14,8 +14,8 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from kedit_ray.options import (HelpFormatter, UsageError, add_model_args, add_ray_args, count, cpus_per_worker, ints,
-                               layers, model_kw, positive, templates)
+from kedit_ray.options import (HelpFormatter, UsageError, add_model_args, add_ray_args, count, ints, layers, model_kw,
+                               positive, templates)
 
 DEMO = dict(prompt="The {} is located in the city of", subject="Space Needle", target_new="Goa",
             target_true="Seattle", paraphrase=["The Space Needle can be found in the city of"],
@@ -311,23 +311,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         edited, held_out = _requests(args, args.limit), []
     _writable(args.out)
-    config = {"model": args.model, "method": args.method, "params": editor_params(args),
-              "device_map": args.device_map, "dtype": args.dtype, "max_memory": args.max_memory,
-              "fluency": args.fluency, "templates": templates(args),
-              "data": str(Path(args.data).resolve()), "dataset": args.dataset}
-    cpus = cpus_per_worker(args)
+    from kedit_ray.io import file_sha256
+    from kedit_ray.spec import EvalSpec, ModelSpec, Resources
+
+    spec = EvalSpec(ModelSpec.from_kw(args.model, **model_kw(args)), args.method,
+                    editor_params(args), args.dataset, str(Path(args.data).resolve()), file_sha256(args.data),
+                    args.fluency, args.protocol, args.batch_size, args.checkpoints, [r.case_id for r in held_out],
+                    resources=Resources.from_args(args))
     if args.protocol == "single":
         from kedit_ray.distributed.driver import run_eval
 
-        summary = run_eval(config, edited, args.out, args.workers, cpus, args.gpus_per_worker,
-                           address=args.address, retry_errors=args.retry_errors)
+        summary = run_eval(spec, edited, args.out, retry_errors=args.retry_errors)
     else:
         from kedit_ray.distributed.batch import run_protocol_eval
 
-        config.update(protocol=args.protocol, batch_size=args.batch_size, checkpoints=args.checkpoints,
-                      held_out=[r.case_id for r in held_out])
-        summary = run_protocol_eval(config, edited, args.out, args.workers, args.protocol, args.batch_size,
-                                    args.checkpoints, held_out, cpus, args.gpus_per_worker, args.address)
+        summary = run_protocol_eval(spec, edited, args.out, held_out)
     print(json.dumps(summary, indent=2))
     if summary.get("cov") == "identity":
         print("[kedit] C = identity (--no-cov): ROME/MEMIT/AlphaEdit updates were not weighed by layer statistics",
@@ -349,7 +347,7 @@ def _writable(out: str) -> None:
 
 def _outcome(out: str, summary: dict) -> int:
     """0, or 1 with a one-line reason when every case of the run failed."""
-    from kedit_ray.distributed.sink import read_results
+    from kedit_ray.results import read_results
 
     if not summary.get("rows") or summary.get("errors", 0) < summary["rows"]:
         return 0
@@ -410,11 +408,14 @@ def one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
 
+    from kedit_ray.errors import PoolError
+
     args = build_parser().parse_args(argv)
     run = COMMANDS.get(args.command) or importlib.import_module(PLUGINS[args.command]).run
     try:
         return run(args)
-    except (ValueError, OSError, pa.ArrowException) as e:   # bad input, settings, files, a missing model
+    except (ValueError, OSError, pa.ArrowException, PoolError) as e:   # bad input, settings, files, a missing
+        # model, workers that could not start or go on
         if args.debug:
             traceback.print_exc()
         print(f"kedit {args.command}: error: {one_line(e)}", file=sys.stderr)

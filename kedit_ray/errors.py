@@ -11,3 +11,8 @@ class SettingError(ValueError):
 
     def __reduce__(self):   # rebuilt from its fields when it crosses processes (Ray workers)
         return type(self), (self.param, self.reason)
+
+
+class PoolError(RuntimeError):
+    """A run on workers cannot go on: a worker could not start, none could be placed, or a task took down every
+    worker that tried it (the work finished so far is saved)."""

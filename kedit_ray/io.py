@@ -1,6 +1,7 @@
 """Atomic writes: a temp file beside the target, then a rename, so readers never see half a file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -33,3 +34,11 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

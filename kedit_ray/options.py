@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from kedit_ray.models.loading import DEFAULT_MODEL, EMBEDDED_GGUF
 
@@ -103,7 +102,9 @@ def model_kw(args: argparse.Namespace) -> dict:
 
 def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
     """--workers, --cpus-per-worker, --gpus-per-worker, --address."""
-    p.add_argument("--workers", type=positive, default=1, help=f"model-holding {what} workers")
+    p.add_argument("--workers", type=positive, default=1,
+                   help=f"model-holding {what} workers: Ray actors, or with 1 and no --address (nor $RAY_ADDRESS) "
+                        "one worker in this process, without Ray")
     p.add_argument("--cpus-per-worker", type=positive_float, default=None,
                    help="CPUs (and torch threads) per worker (default: with a local Ray, this machine's cores "
                         "divided by --workers; on a cluster, 1)")
@@ -111,12 +112,3 @@ def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join: 'auto' or host:port (default: $RAY_ADDRESS, else a local Ray on "
                         "127.0.0.1)")
-
-
-def cpus_per_worker(args: argparse.Namespace) -> float:
-    """--cpus-per-worker, else 1 on a cluster, else this machine's cores shared by the workers."""
-    if args.cpus_per_worker is not None:
-        return args.cpus_per_worker
-    if args.address or os.environ.get("RAY_ADDRESS"):
-        return 1.0
-    return (os.cpu_count() or 1) / args.workers

@@ -9,7 +9,8 @@ network are averaged across workers (all-reduce over gloo) before every Adam ste
 bar and writes a checkpoint to OUT every `save_every` steps (editor.json names the network's and Adam's
 safetensors files); a rerun with the same OUT resumes.
 The first `holdout` records are never trained on: `kedit eval --limit N` evaluates exactly those.
-Ray Train runs this loop on several workers (kedit_ray.distributed.train); Ray is not needed here.
+With --workers 1 and no Ray address the loop runs in this process; otherwise Ray Train runs it on the workers
+(kedit_ray.distributed.train).
 """
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kedit_ray.editors.learned import (HyperNet, build_net, build_rows, check_fingerprint, load_tensors, read_meta,
+from kedit_ray.editors.learned import (HyperNet, build_rows, check_fingerprint, load_tensors, read_meta,
                                        save_checkpoint, step_terms)
+from kedit_ray.editors.nets import build_net
 from kedit_ray.models import LM, load
 from kedit_ray.models.loading import DEFAULT_MODEL
-from kedit_ray.options import UsageError, count, layers, positive, positive_float
+from kedit_ray.options import add_ray_args, count, layers, positive, positive_float
 from kedit_ray.requests import EditRequest
+from kedit_ray.spec import Resources
 
 
 @dataclass
@@ -213,12 +216,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                           "comma-separated")
     p.add_argument("--save-every", type=positive, default=50, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation and the data order")
-    p.add_argument("--threads", type=positive, default=1, help="torch threads per worker")
-    p.add_argument("--workers", type=positive, default=1, help="Ray Train workers (data parallel)")
-    p.add_argument("--no-ray", action="store_true", help="train in this process, without Ray (one worker)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join: 'auto' or host:port (default: $RAY_ADDRESS, else a local Ray on "
-                        "127.0.0.1)")
+    add_ray_args(p, "training (data parallel, on Ray Train)")
     p.add_argument("--out", required=True, help="checkpoint directory (a rerun resumes from it)")
 
 
@@ -227,21 +225,21 @@ def run(args: argparse.Namespace) -> int:
 
     from kedit_ray.models.loading import check_model
 
-    if args.no_ray and args.workers != 1:
-        raise UsageError("--no-ray runs one worker; drop --workers")
+    resources = Resources.from_args(args)
     net = {"modules": [m.strip() for m in args.modules.split(",") if m.strip()]}
     if args.layers is not None:
         net["layers"] = args.layers
     config = asdict(TrainConfig(args.method, str(Path(args.data).resolve()), str(Path(args.out).resolve()),
                                 args.model, args.dataset, args.steps, args.batch_size, args.lr, args.seed,
-                                args.holdout, args.save_every, args.threads, net=net))
+                                args.holdout, args.save_every, int(resources.cpus()), net=net))
     training_requests(TrainConfig.from_dict(config))          # a data error shows here, before any worker starts
     check_model(args.model)
-    if args.no_ray:
+    if resources.in_process:
         figures = train_loop(config)
     else:
         from kedit_ray.distributed.train import run_train
 
-        figures = run_train(config, args.workers, args.address)
+        run_train(train_loop, config, resources)
+        figures = read_meta(config["out"])["figures"]
     print(json.dumps({"out": config["out"], **figures}, indent=2))
     return 0

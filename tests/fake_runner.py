@@ -1,6 +1,6 @@
 """A case runner for the driver tests: metrics derived from case_id, no model.
 
-config: "fail" (case_ids that raise), "sleep" (seconds per case), and "die_case" / "die_file" /
+spec.options: "fail" (case_ids that raise), "sleep" (seconds per case), and "die_case" / "die_file" /
 "die_times" (the worker process exits on die_case, die_times times in all, counted in die_file).
 """
 from __future__ import annotations
@@ -23,11 +23,13 @@ def fake_row(case_id: int, method: str, model: str) -> dict:
 
 
 class FakeRunner:
-    def __init__(self, config: dict):
-        self.config = config
+    needs_model = False
+
+    def __init__(self, spec, lm=None):
+        self.spec, self.options = spec, spec.options
 
     def run(self, request: EditRequest) -> dict:
-        c = self.config
+        c = self.options
         if request.case_id == c.get("die_case"):
             counter = Path(c["die_file"])
             died = int(counter.read_text()) if counter.exists() else 0
@@ -37,4 +39,5 @@ class FakeRunner:
         if request.case_id in c.get("fail", []):
             raise ValueError(f"case {request.case_id} is bad")
         time.sleep(c.get("sleep", 0.0))
-        return fake_row(request.case_id, c["method"], c["model"])
+        return fake_row(request.case_id, self.spec.method, self.spec.model.name)
+

@@ -9,13 +9,19 @@ import pyarrow.dataset as ds
 import pytest
 
 from fake_runner import fake_row
-from kedit_ray.distributed.sink import (ConfigMismatch, PartWriter, check_config, drop_error_rows,
-                                        finished_case_ids, read_results)
 from kedit_ray.eval.summary import harmonic_mean, summarize
 from kedit_ray.requests import EditRequest
+from kedit_ray.results import ConfigMismatch, PartWriter, check_config, drop_error_rows, finished_case_ids, read_results
+from kedit_ray.spec import RUN_ONLY, EvalSpec, ModelSpec, Resources
 
 TESTS = str(Path(__file__).resolve().parent)
-CONFIG = {"runner": "fake_runner:FakeRunner", "method": "FAKE", "model": "toy", "fail": [5], "sleep": 0.02}
+OPTIONS = {"fail": [5], "sleep": 0.02}
+
+
+def spec(workers: int = 2, method: str = "FAKE", **options) -> EvalSpec:
+    """A run of the fake runner (no model) on `workers` workers."""
+    return EvalSpec(ModelSpec("toy"), method, runner="fake_runner:FakeRunner", options={**OPTIONS, **options},
+                    resources=Resources(workers))
 
 
 def requests(n: int) -> list[EditRequest]:
@@ -68,16 +74,43 @@ def test_sink_widens_schema_and_drops_errors(tmp_path):
     assert len(list((tmp_path / "results").glob("part-*.parquet"))) == 2  # the error-only part is gone
 
 
-def test_config_mismatch_refused(tmp_path):
-    check_config(tmp_path, {**CONFIG, "limit": 4})
-    check_config(tmp_path, {**CONFIG, "limit": 10})  # run-only options may change
-    assert json.loads((tmp_path / "config.json").read_text())["limit"] == 10
-    with pytest.raises(ConfigMismatch, match="method: 'FAKE' there, 'ROME' now"):
-        check_config(tmp_path, {**CONFIG, "method": "ROME"})
+def test_config_mismatch_refused_only_with_results(tmp_path):
+    config = spec().to_json()
+    check_config(tmp_path, config, RUN_ONLY)
+    check_config(tmp_path, {**config, "method": "ROME"}, RUN_ONLY)   # no results yet: nothing is locked
+    with PartWriter(tmp_path) as writer:
+        writer.add(fake_row(0, "ROME", "toy"))
+    moved = spec(workers=1).to_json()                                  # how it runs may change
+    check_config(tmp_path, {**moved, "method": "ROME"}, RUN_ONLY)
+    assert json.loads((tmp_path / "config.json").read_text())["resources"]["workers"] == 1
+    with pytest.raises(ConfigMismatch, match="method: 'ROME' there, 'FAKE' now"):
+        check_config(tmp_path, config, RUN_ONLY)
     from kedit_ray.distributed.driver import run_eval
 
-    with pytest.raises(ConfigMismatch, match="sleep"):  # refused before any Ray work
-        run_eval({**CONFIG, "sleep": 1.0}, requests(2), str(tmp_path), workers=1, progress=False)
+    with pytest.raises(ConfigMismatch, match="sleep"):  # refused before any worker starts
+        run_eval(spec(method="ROME", sleep=1.0), requests(2), str(tmp_path), progress=False)
+
+
+def test_unwritable_out_refused_before_any_work(tmp_path):
+    from kedit_ray.distributed.driver import run_eval
+
+    (tmp_path / "results").write_text("a file where the results folder should be")   # root or not
+    with pytest.raises(PermissionError, match="results: cannot write results there"):
+        run_eval(spec(workers=1), requests(2), str(tmp_path), progress=False)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_one_worker_runs_in_this_process(tmp_path):
+    import ray
+
+    from kedit_ray.distributed.driver import run_eval
+
+    summary = run_eval(spec(workers=1), requests(3), str(tmp_path), progress=False)
+    assert not ray.is_initialized()
+    rows = read_results(tmp_path).to_pylist()
+    assert sorted(r["case_id"] for r in rows) == [0, 1, 2]
+    assert {r["worker"].split(":")[-1] for r in rows} == {str(os.getpid())}   # this process is the worker
+    assert (summary["cases"], summary["errors"], summary["requested"], summary["complete"]) == (3, 0, 3, True)
 
 
 # --- Ray (local, 2 CPUs) ----------------------------------------------------------------------
@@ -104,7 +137,7 @@ def test_two_workers_one_row_per_case(tmp_path, worker_path):
 
     from kedit_ray.distributed.driver import run_eval
 
-    summary = run_eval(CONFIG, requests(12), str(tmp_path), workers=2, progress=False)
+    summary = run_eval(spec(), requests(12), str(tmp_path), progress=False)
     assert not ray.is_initialized()  # started here, so shut down here
     table = ds.dataset(str(tmp_path / "results")).to_table()
     assert sorted(table["case_id"].to_pylist()) == list(range(12))
@@ -133,27 +166,55 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, ray_up, monkeypatc
 
     monkeypatch.setattr(PartWriter, "add", add_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        driver.run_eval(CONFIG, requests(10), str(tmp_path), workers=2, progress=False)
+        driver.run_eval(spec(), requests(10), str(tmp_path), progress=False)
     assert len(table_ids(tmp_path)) == 4  # flushed on the way out
     assert json.loads((tmp_path / "summary.json").read_text())["complete"] is False
     assert ray.is_initialized()  # not ours to shut down
     monkeypatch.setattr(PartWriter, "add", add)
 
-    summary = driver.run_eval(CONFIG, requests(10), str(tmp_path), workers=2, progress=False)
+    summary = driver.run_eval(spec(), requests(10), str(tmp_path), progress=False)
     assert table_ids(tmp_path) == list(range(10)) and summary["complete"] and summary["errors"] == 1
     before = {r["case_id"]: r["worker"] for r in read_results(tmp_path).to_pylist()}
 
-    summary = driver.run_eval(CONFIG, requests(10), str(tmp_path), workers=2, progress=False, retry_errors=True)
+    summary = driver.run_eval(spec(), requests(10), str(tmp_path), progress=False, retry_errors=True)
     after = {r["case_id"]: r["worker"] for r in read_results(tmp_path).to_pylist()}
     assert table_ids(tmp_path) == list(range(10)) and summary["errors"] == 1
     assert after[5] != before[5] and all(after[i] == before[i] for i in range(10) if i != 5)  # only 5 reran
 
 
-@pytest.mark.slow
-def test_dead_actor_case_goes_to_another(tmp_path, ray_up):
+@pytest.mark.parametrize("deaths", [1, 2])
+def test_dead_worker_replaced_and_its_case_requeued(tmp_path, ray_up, deaths):
     from kedit_ray.distributed.driver import run_eval
 
-    config = {**CONFIG, "fail": [], "die_case": 3, "die_file": str(tmp_path / "deaths"), "die_times": 2}
-    summary = run_eval(config, requests(6), str(tmp_path / "out"), workers=2, progress=False)
-    assert (tmp_path / "deaths").read_text() == "2"  # died, restarted, died again: then handed over
-    assert table_ids(tmp_path / "out") == list(range(6)) and summary["errors"] == 0
+    run = spec(fail=[], die_case=3, die_file=str(tmp_path / "deaths"), die_times=deaths)
+    summary = run_eval(run, requests(6), str(tmp_path / "out"), progress=False)
+    assert (tmp_path / "deaths").read_text() == str(deaths)
+    assert table_ids(tmp_path / "out") == list(range(6)) and summary["complete"]
+    rows = {r["case_id"]: r for r in read_results(tmp_path / "out").to_pylist()}
+    if deaths == 1:   # died once: the case went to another worker, and the pool is whole again
+        assert summary["errors"] == 0 and rows[3]["error"] is None
+    else:             # took down two workers: given up, as an error row
+        assert summary["errors"] == 1 and "took down 2 workers" in rows[3]["error"]
+
+
+def test_a_run_that_failed_or_did_nothing_locks_nothing(tmp_path):
+    from kedit_ray.distributed.driver import run_eval
+
+    empty = run_eval(spec(workers=1, method="A"), [], tmp_path, progress=False)
+    assert (empty["requested"], empty["cases"], empty["errors"]) == (0, 0, 0)
+    broken = EvalSpec(ModelSpec("toy"), "B", runner="no_such_module:Runner", resources=Resources(1))
+    with pytest.raises(ModuleNotFoundError):
+        run_eval(broken, requests(2), tmp_path, progress=False)
+    summary = run_eval(spec(workers=1, method="C"), requests(2), tmp_path, progress=False)   # the corrected run
+    assert summary["cases"] == 2 and summary["method"] == "C"
+
+
+def test_ray_address_puts_even_one_worker_on_the_cluster(tmp_path, ray_up, monkeypatch):
+    import ray
+
+    from kedit_ray.distributed.driver import run_eval
+
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    run_eval(spec(workers=1), requests(2), tmp_path, progress=False)
+    workers = {r["worker"] for r in read_results(tmp_path).to_pylist()}
+    assert len(workers) == 1 and workers.pop().rsplit(":", 1)[1] != str(os.getpid())   # an actor, not this process

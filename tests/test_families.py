@@ -15,7 +15,8 @@ import torch
 
 from families import FAMILIES, FUSED_MOE, make_family_lm, make_family_model
 from kedit_ray.editors import FT, AlphaEdit, AlphaEditParams, FTParams, Grace, GraceParams, make_editor
-from kedit_ray.editors.learned import build_net, build_rows, step_terms
+from kedit_ray.editors.learned import build_rows, step_terms
+from kedit_ray.editors.nets import build_net
 from kedit_ray.editors.rome import Rome, RomeParams, rank_one
 from kedit_ray.editors.toolkit import ValueParams, compute_keys, context_prefixes, optimize_values
 from kedit_ray.eval.counterfact import target_nll

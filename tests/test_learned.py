@@ -13,8 +13,8 @@ import torch
 from kedit_ray.cli import build_parser, editor_params, main
 from kedit_ray.editors import make_editor
 from kedit_ray.editors.ke import KE
-from kedit_ray.editors.learned import (LearnedParams, base_pass, build_net, build_rows, edited_pass, load_net,
-                                       save_checkpoint, step_terms)
+from kedit_ray.editors.learned import LearnedParams, base_pass, build_rows, edited_pass, save_checkpoint, step_terms
+from kedit_ray.editors.nets import build_net, load_net
 from kedit_ray.eval.summary import summarize
 from kedit_ray.models import get_module, weight_of
 from kedit_ray.requests import EditRequest
@@ -164,8 +164,8 @@ def test_checkpoint_resumes_and_refuses_another_model(tiny_lm, tmp_path):
     assert sorted(delta.deltas) == [tiny_lm.arch.name("mlp_out", x) for x in (1, 2, 3)]
 
 
-def test_ray_train_one_worker_then_cli_eval(tmp_path, capsys):
-    """`kedit train` on Ray Train (1 worker, gloo), then `kedit eval --method ke --editor-checkpoint`."""
+def test_ray_train_two_workers_then_cli_eval(tmp_path, capsys):
+    """`kedit train` on Ray Train (2 workers, gloo), then `kedit eval --method ke --editor-checkpoint`."""
     lm = make_tiny_lm()
     model_dir = tmp_path / "tiny"
     lm.model.save_pretrained(model_dir)
@@ -173,9 +173,9 @@ def test_ray_train_one_worker_then_cli_eval(tmp_path, capsys):
     data = tiny_zsre(tmp_path / "zsre.json")
     out = tmp_path / "ke"
     assert main(["train", "--method", "ke", "--model", str(model_dir), "--data", str(data), "--steps", "3",
-                 "--holdout", "1", "--layers", "2,3", "--workers", "1", "--out", str(out)]) == 0
+                 "--holdout", "1", "--layers", "2,3", "--workers", "2", "--out", str(out)]) == 0
     meta = json.loads((out / "editor.json").read_text())
-    assert meta["step"] == 3 and meta["workers"] == 1 and meta["train"]["holdout"] == 1
+    assert meta["step"] == 3 and meta["workers"] == 2 and meta["train"]["holdout"] == 1
     assert meta["net"]["layers"] == [2, 3]
     assert (out / "ray").is_dir()
     capsys.readouterr()
@@ -218,7 +218,7 @@ def test_gemma_train_then_eval_on_unseen_zsre_cases(tmp_path, method, steps):
     data = data_file("zsre_mend_train-1k.json")
     out = tmp_path / method
     assert main(["train", "--method", method, "--data", str(data), "--steps", str(steps), "--holdout", "50",
-                 "--no-ray", "--out", str(out)]) == 0
+                 "--out", str(out)]) == 0
     cases, _ = load_requests(data, "zsre", limit=50)
     lm = load("gemma-3-270m")
     editor = make_editor(method, {"editor_checkpoint": str(out)})

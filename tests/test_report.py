@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kedit_ray.distributed.sink import PartWriter
+from kedit_ray.results import PartWriter
 from kedit_ray.eval.report import bootstrap, load_run, report
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import random
 import shlex
+import re
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -205,6 +207,61 @@ def test_killed_run_resumes_without_double_counting(tmp_path, text, tiny_lm64, m
             k: v for k, v in kw.items() if k in ("corpus", "samples", "dtype")})[0]
         _, count, m = direct_mom2(tiny_lm, a["layer"], list(corpus.documents(text))[:19], 128)
         assert a["count"] == count and gram_error(cb, ca, m) <= 2 * (128 + 4)   # ≤ 128 tokens a batch, twice
+
+
+def test_damaged_partial_or_final_file_is_named_then_recomputed_on_request(tmp_path, text, tiny_lm64, tiny_dir,
+                                                                         monkeypatch, capsys):
+    """Two float64 values overwritten in a .partial file are found by its checksum (not resumed silently); with
+    --recompute the run starts over and gives the uninterrupted C. A truncated final file is named, and recomputed
+    on request."""
+    from kedit_ray.stats import compute as compute_mod
+
+    tiny_lm = tiny_lm64
+    kw = dict(corpus=text, samples=19, dtype="float64", shard_docs=3, batch_tokens=80, progress=False)
+    whole = compute_stats(tiny_lm, [1], cache=tmp_path / "whole", **kw)[0]
+    real, n = compute_mod.accumulate, {"calls": 0}
+
+    def dies_on_third_shard(*a, **k):
+        n["calls"] += 1
+        if n["calls"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(compute_mod, "accumulate", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        compute_stats(tiny_lm, [1], cache=tmp_path / "cut", **kw)
+    monkeypatch.setattr(compute_mod, "accumulate", real)
+    [partial] = (tmp_path / "cut").rglob(".partial.*")
+    data = bytearray(partial.read_bytes())
+    data[-8 * 70:-8 * 68] = struct.pack("<2d", 139.2, -5.0)     # two float64 sums, the header left intact
+    partial.write_bytes(bytes(data))
+    with pytest.raises(StatsError, match=f"{re.escape(str(partial))} are damaged"):
+        compute_stats(tiny_lm, [1], cache=tmp_path / "cut", **kw)
+    again = compute_stats(tiny_lm, [1], cache=tmp_path / "cut", recompute=True, **kw)[0]
+    assert "--recompute: computing it again" in capsys.readouterr().err and again["resumed_shards"] == 0
+    c = lambda cache: layer_stats(tiny_lm, 1, cache=cache, compute=False, corpus=text, samples=19,  # noqa: E731
+                                  dtype="float64")[0]
+    m = direct_mom2(tiny_lm, 1, list(corpus.documents(text))[:19], max_len=128)[2]
+    assert gram_error(c(tmp_path / "cut"), c(tmp_path / "whole"), m) <= 2 * (80 + 4)   # ≤ 80 tokens a batch
+    assert again["count"] == whole["count"]
+
+    argv = ["--model", tiny_dir, "--layers", "1", "--corpus", str(text), "--samples", "19", "--stats-dtype", "float64",
+            "--shard-docs", "3", "--cache", str(tmp_path / "cli"), "--json"]
+    assert run_cli(argv) == 0
+    [made] = json.loads(capsys.readouterr().out)["files"]
+    from kedit_ray.models import load
+
+    lm = load(tiny_dir)
+    read = lambda: layer_stats(lm, 1, corpus=text, samples=19, dtype="float64", cache=tmp_path / "cli",  # noqa: E731
+                               compute=False)
+    first = read()
+    Path(made).write_bytes(Path(made).read_bytes()[:100])        # truncated, found by the command
+    assert run_cli(argv) == 2
+    assert made in capsys.readouterr().err
+    assert run_cli(argv + ["--recompute"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == [made]
+    again_c, info = read()                                       # a whole, checked file again, of the same count
+    assert info["count"] == first[1]["count"] and again_c.shape == first[0].shape
 
 
 # ------------------------------------------------------------------ cache and refusals

@@ -83,7 +83,7 @@ def _read_parquet(path: Path) -> list[dict]:
 
     try:
         return pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, ValueError) as e:   # ValueError: e.g. a column name that is not UTF-8
         raise ValueError(f"{path}: not a readable Parquet file: {e}") from e
 
 

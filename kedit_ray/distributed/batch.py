@@ -1,59 +1,55 @@
-"""Batch and sequential protocols across Ray workers (`kedit eval --protocol batch|sequential`).
+"""The batch and sequential protocols over the pool (`kedit eval --protocol batch|sequential`).
 
-For MEMIT-family editors (they expose targets / inputs / make_solver) one batch of requests runs as:
+MEMIT-family editors (they expose targets / inputs / make_solver) are split over the workers:
 
-    split the batch into W shares  ─►  each BatchWorker: pre-edit scores and z_i for its share (batched)
-    driver gathers z               ─►  per edited layer: ray.put(ΔW of the layers done so far); each worker
-                                       returns (K, h) of its share on the model with them applied;
-                                       the driver solves ΔW_l (float64, editor's solver)
-    ray.put(the Delta)             ─►  each worker scores its share on the edited model
+    the batch's requests in W shares  ─►  each BatchWorker: z_i for its share (scatter, saved in rounds to OUT/z/)
+    per edited layer                  ─►  each worker: (K, h) of its share with the layers done so far applied
+                                          (scatter); the driver solves ΔW_l (float64, the editor's solver)
+    pool.put(the Delta)               ─►  the workers score the batch's cases, a chunk at a time (stream)
 
-The sequential protocol keeps the list of deltas applied for good (object refs) and passes it with every call:
-a worker first applies whichever it has not yet applied, so a restarted (fresh) actor catches up by itself
-and no worker holds state the driver does not have. Editors that remember earlier edits (AlphaEdit's K_p) get
-the K Kᵀ of each applied batch from the workers (`kept_keys`) on the driver's solver. At a checkpoint, every
-edit so far and the held-out cases are scored, split over the workers.
+Every call names the edits the worker must have applied (`Applied`, object-store refs): a worker applies what it
+lacks and reverts what it should not have, so a replacement for a dead worker catches up by itself and no worker
+holds state the driver lacks. AlphaEdit's kept keys K_p K_pᵀ are summed from the workers (`kept_keys`) on the
+driver's solver, whose state() is saved with the run.
 
-Other editors (ROME, GRACE, FT, ...) run the in-process protocol (kedit_ray.eval.protocols) on one worker.
+Other editors: in the batch protocol each worker edits and scores whole batches (stream), so every loaded model
+works; the sequential protocol runs whole on one worker (its edits depend on each other), streamed a checkpoint at
+a time, and loads only that one.
 
-Rows are written as they are scored, a round of cases at a time. Resume: the unedited model's scores are kept
-in OUT/pre_scores.json, so a rerun scores only the cases it lacks. The batch protocol skips the cases that have
-rows (a batch is re-edited if some of its cases are missing, and only those are written) and reads back from
-OUT/z/ the z a cut-short batch had computed (z depend only on the model and the request there). A sequential
-MEMIT/AlphaEdit run saves Σ ΔW so far (and AlphaEdit's kept keys) after each batch and resumes from there, with
-the z its next batch had saved (OUT/z/batch-B/); one run whole on a worker (the other editors) cannot resume
+Rows are written as they are scored. Resume (files in kedit_ray.eval.resume): the unedited model's scores are kept
+in OUT/pre_scores.json; the batch protocol skips the cases that have rows (a batch is edited again if some of its
+cases lack one, and only those are written) and reads back the z a cut-short batch had saved; a sequential
+MEMIT-family run saves Σ ΔW and the solver's state after each batch (OUT/run_state.safetensors) and resumes from
+there, with the z its next batch had saved (OUT/z/batch-B/). A sequential run whole on one worker cannot resume
 midway, but keeps the checkpoints it finished.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
-import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 import torch
 from tqdm import tqdm
 
-from kedit_ray.distributed.driver import _start_ray
-from kedit_ray.distributed.sink import PartWriter, check_config, finished_case_ids, read_results
+from kedit_ray.distributed.driver import finish, prepare, share_covariances
+from kedit_ray.distributed.pool import Lost, PoolError, open_pool
+from kedit_ray.distributed.worker import Applied, ModelWorker
 from kedit_ray.editors import Delta, make_editor
 from kedit_ray.editors.memit import spread
-from kedit_ray.eval import scorer_name
+from kedit_ray.eval import score, scorer_name
 from kedit_ray.eval.protocols import (batch_rows, batches, case_row, checkpoint_figures, edit_meta, error_rows,
                                       plan_checkpoints, sequential_rows)
-from kedit_ray.eval.summary import summarize
-from kedit_ray.io import save_tensors, write_json
+from kedit_ray.eval.resume import PreScores, RunState, TargetStore
 from kedit_ray.requests import EditRequest
+from kedit_ray.results import PartWriter, finished_case_ids, read_results
+from kedit_ray.spec import EvalSpec
 
-
-Z_ROUND = 25   # requests per worker between two saves of z (at least the editor's z_batch)
-SCORE_ROUND = 100   # cases per worker between two progress updates (and saves of the pre-edit scores)
-PRE_SCORES = "pre_scores.json"   # OUT's scores of the unedited model, per case_id
+Z_ROUND = 25       # requests per worker between two saves of z (at least the editor's z_batch)
+SCORE_CHUNK = 25   # cases per scoring task (a task is the unit of progress and of loss)
 
 
 def distributable(editor) -> bool:
@@ -61,89 +57,60 @@ def distributable(editor) -> bool:
     return all(hasattr(editor, m) for m in ("targets", "inputs", "make_solver"))
 
 
-@ray.remote
-class BatchWorker:
-    """One model and editor; applies the run's deltas as told, computes shares of z, keys and scores."""
+class BatchWorker(ModelWorker):
+    """The spec's editor on the worker's model: shares of z, keys and scores, or whole batches."""
 
-    def __init__(self, config: dict, index: int, threads: int = 1):
-        from kedit_ray.models import load
-
-        torch.set_num_threads(max(1, threads))
-        self.name = f"w{index}@{socket.gethostname()}:{os.getpid()}"
-        self.lm = load(config["model"], device_map=config.get("device_map"), templates=config.get("templates"))
-        self.editor = make_editor(config["method"], config.get("params"))
-        self.dataset = scorer_name(config.get("dataset"))
-        self.applied: list[tuple[str, Delta]] = []     # (object ref id, delta), in the order applied
+    def __init__(self, spec: EvalSpec, index: int, cpus: float, gpus: list | None = None):
+        super().__init__(spec.model, index, cpus, gpus)
+        self.spec = spec
+        self.editor = make_editor(spec.method, spec.params)
+        self.dataset = scorer_name(spec.dataset)
+        self.in_ray = gpus is None
         if hasattr(self.editor, "prefixes"):   # the context prefixes come from the unedited model, as in one process
             self.editor.prefixes(self.lm)
 
-    def ready(self) -> str:
-        return self.name
-
-    def _sync(self, state: list) -> None:
-        """Make the applied deltas exactly `state` (a list of [ObjectRef of a Delta])."""
-        ids = [ref[0].hex() for ref in state]
-        if [i for i, _ in self.applied] != ids[:len(self.applied)]:
-            for _, d in reversed(self.applied):
-                d.revert(self.lm.model)
-            self.applied = []
-        for ref in state[len(self.applied):]:
-            delta = ray.get(ref[0])
-            delta.apply(self.lm.model)
-            self.applied.append((ref[0].hex(), delta))
-
     def plan(self) -> dict:
         """What the driver's solver needs: layers, module names, d_in, C and its labels, λ."""
-        layers = self.editor.layers(self.lm)
+        hp, layers = self.editor.params(self.lm), self.editor.layers(self.lm)
         covs, labels = self.editor.covariances(self.lm)
         return {"layers": layers, "names": [self.lm.arch.name("mlp_out", layer) for layer in layers],
                 "dims": self.editor.dims(self.lm), "covs": covs, "labels": labels, "model": self.lm.name,
-                "lam": self.editor.params(self.lm).mom2_update_weight, "z_batch": self.editor.params(self.lm).z_batch,
-                "fingerprint": self.lm.fingerprint}
+                "lam": hp.mom2_update_weight, "z_batch": hp.z_batch, "fingerprint": self.lm.fingerprint}
 
-    def targets(self, requests: list[EditRequest], state: list) -> torch.Tensor:
-        self._sync(state)
+    def targets(self, requests: list[EditRequest], applied: Applied) -> torch.Tensor:
+        self.sync(applied)
         return self.editor.targets(self.lm, requests)[0]
 
-    def inputs(self, requests: list[EditRequest], layer: int, state: list, partial: list) -> tuple:
-        self._sync(state)
-        with Delta(dict(ray.get(partial[0]))).applied(self.lm.model):
-            return self.editor.inputs(self.lm, requests, layer)
+    def inputs(self, requests: list[EditRequest], layer: int, applied: Applied) -> tuple:
+        self.sync(applied)
+        return self.editor.inputs(self.lm, requests, layer)
 
-    def kept_keys(self, requests: list[EditRequest], state: list) -> dict:
-        self._sync(state)
+    def kept_keys(self, requests: list[EditRequest], applied: Applied) -> dict:
+        self.sync(applied)
         return self.editor.kept_keys(self.lm, requests)
 
-    def scores(self, requests: list[EditRequest], state: list, pre: list[dict] | None = None,
-               extra: list | None = None) -> list[dict]:
-        """Scores of each request with `state` applied, and `extra` (a [ref of a Delta]) on top if given."""
-        from kedit_ray.eval import score
+    def scores(self, cases: list[tuple[EditRequest, dict | None]], applied: Applied) -> tuple[str, list[dict]]:
+        """(this worker's name, the scores of each (request, its pre-edit scores or None)) with `applied`."""
+        self.sync(applied)
+        return self.name, [score(self.dataset, self.lm, r, pre) for r, pre in cases]
 
-        self._sync(state)
-        delta = ray.get(extra[0]) if extra else None
-        if delta is not None:
-            delta.apply(self.lm.model)
-        try:
-            return [score(self.dataset, self.lm, r, None if pre is None else p)
-                    for r, p in zip(requests, pre or [None] * len(requests))]
-        finally:
-            if delta is not None:
-                delta.revert(self.lm.model)
+    def batch(self, item: tuple[int, list[EditRequest]]) -> list[dict]:
+        """The batch protocol's rows of batch `b` (editors that are not split over workers)."""
+        b, requests = item
+        self.sync(Applied())
+        [rows] = list(batch_rows(self.lm, self.editor, requests, len(requests), self.spec.method, self.dataset,
+                                 progress=False))
+        return [{**r, "batch": b, "worker": self.name} for r in rows]
 
-    def run_protocol(self, protocol: str, requests: list, batch_size: int, checkpoints, held_out: list,
-                     method: str, progress: bool = False) -> Iterator[list[dict]]:
-        """The whole in-process protocol here (editors that cannot be split over workers), streamed to the
-        driver a batch (batch protocol) or a checkpoint (sequential) at a time; progress bars drawn there."""
+    def sequential(self, requests: list, batch_size: int, checkpoints, held_out: list,
+                   progress: bool) -> Iterator[list[dict]]:
+        """The whole sequential protocol here, a checkpoint's rows at a time (progress bars drawn on the driver)."""
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
-        self._sync([])
-        bar = ray_tqdm if progress else False
-        if protocol == "batch":
-            parts = batch_rows(self.lm, self.editor, requests, batch_size, method, self.dataset, progress=bar)
-        else:
-            parts = sequential_rows(self.lm, self.editor, requests, batch_size, checkpoints, held_out, method,
-                                    self.dataset, progress=bar)
-        for rows in parts:
+        self.sync(Applied())
+        bar = ray_tqdm if progress and self.in_ray else progress
+        for rows in sequential_rows(self.lm, self.editor, requests, batch_size, checkpoints, held_out,
+                                    self.spec.method, self.dataset, progress=bar):
             yield [{**r, "worker": self.name} for r in rows]
 
 
@@ -154,311 +121,279 @@ def shares(items: list, n: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-class Pool:
-    """W BatchWorkers and the map over shares; timings of the parallel parts are kept per kind."""
+@dataclass
+class Run:
+    """What the protocols below share: the pool, the spec, the driver's editor, OUT, the writer, timings."""
 
-    def __init__(self, config: dict, workers: int, options: dict):
-        threads = max(1, int(options["num_cpus"]))
-        self.actors = [BatchWorker.options(**options).remote(config, i, threads) for i in range(workers)]
-        self.names = ray.get([a.ready.remote() for a in self.actors])
-        self.seconds: dict[str, float] = {}
+    pool: object
+    spec: EvalSpec
+    editor: object
+    out: Path
+    writer: PartWriter
+    progress: bool
+    seconds: dict[str, float] = field(default_factory=dict)
 
-    def map(self, kind: str, method: str, items: list, *args, **kwargs) -> list:
-        """Call `method(share, *args)` on each worker with its share; results in the order of `items`' shares."""
-        t0 = time.perf_counter()
-        parts = shares(items, len(self.actors))
-        out = ray.get([getattr(a, method).remote(p, *args, **kwargs) for a, p in zip(self.actors, parts)])
+    def timed(self, kind: str, t0: float) -> None:
         self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
-        return out
 
-    def map_rows(self, kind: str, requests: list, state: list, pre: dict, extra=None) -> list[tuple]:
-        """(request, post scores, worker name) for every request."""
-        parts = shares(requests, len(self.actors))
-        pres = [[pre[r.case_id] for r in p] for p in parts]
-        t0 = time.perf_counter()
-        out = ray.get([a.scores.remote(p, state, q, extra) for a, p, q in zip(self.actors, parts, pres)])
-        self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
-        return [(r, s, self.names[i]) for i, (p, o) in enumerate(zip(parts, out)) for r, s in zip(p, o)]
-
-    def close(self) -> None:
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
+    def bar(self, total: int, desc: str, unit: str = "case") -> tqdm:
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress or not total, leave=False,
+                    dynamic_ncols=True)
 
 
-def _in_rounds(items: list, size: int, desc: str, progress: bool) -> Iterator[list]:
-    """`items` in slices of `size`, under a progress bar that counts cases."""
-    with tqdm(total=len(items), desc=desc, unit="case", disable=not progress or not items, leave=False,
-              dynamic_ncols=True) as bar:
-        for s in range(0, len(items), size):
-            yield items[s:s + size]
-            bar.update(len(items[s:s + size]))
+def _score(run: Run, cases: list[EditRequest], applied: Applied, pre: dict[int, dict] | None, desc: str,
+           kind: str) -> Iterator[tuple[EditRequest, dict | None, str, str | None]]:
+    """(request, its scores with `applied`, worker, error) for every case, a chunk at a time as chunks finish."""
+    n = max(run.pool.size, math.ceil(len(cases) / SCORE_CHUNK))   # every worker busy, chunks ≤ SCORE_CHUNK
+    chunks = [[(r, None if pre is None else pre[r.case_id]) for r in chunk] for chunk in shares(cases, n)] if cases \
+        else []
+    t0 = time.perf_counter()
+    with run.bar(len(cases), desc) as bar:
+        for chunk, result in run.pool.stream(chunks, "scores", applied):
+            if isinstance(result, Lost):
+                for r, _ in chunk:
+                    yield r, None, None, f"scoring {result.message}"
+            else:
+                worker, scores = result
+                for (r, _), s in zip(chunk, scores):
+                    yield r, s, worker, None
+            bar.update(len(chunk))
+    if cases:
+        run.timed(kind, t0)
 
 
-def _read_pre(path: Path, fingerprint: str | None = None) -> dict[int, dict]:
-    """case_id → scores of the unedited model, from the file `_pre_scores` wrote ({} without one); with
-    `fingerprint`, the file must have been made on that model."""
-    if not path.exists():
-        return {}
-    try:
-        saved = json.loads(path.read_text())
-        have = {int(k): dict(v) for k, v in saved["scores"].items()}
-    except Exception as exc:  # noqa: BLE001 - name the file
-        raise ValueError(f"{path}: not pre-edit scores this tool wrote ({exc}); delete it to score again") from exc
-    if fingerprint is not None and saved.get("fingerprint") != fingerprint:
-        raise ValueError(f"{path}: made on another model (fingerprint {saved.get('fingerprint')}, this one "
-                         f"{fingerprint}); use another --out or delete the file")
-    return have
-
-
-def _pre_scores(pool: Pool, requests: list[EditRequest], path: Path, fingerprint: str,
-                progress: bool) -> dict[int, dict]:
-    """Scores of the unedited model for `requests`, saved to `path` round by round, so a rerun scores only the
-    cases that file lacks (they depend on the model and the case alone)."""
-    have = _read_pre(path, fingerprint)
+def _pre_scores(run: Run, requests: list[EditRequest], fingerprint: str) -> dict[int, dict]:
+    """Scores of the unedited model for `requests`, saved to OUT/pre_scores.json as they come, so a rerun scores only
+    the cases that file lacks (they depend on the model and the case alone)."""
+    store = PreScores(run.out)
+    have = store.read(fingerprint)
     todo = [r for r in requests if r.case_id not in have]
-    for part in _in_rounds(todo, SCORE_ROUND * len(pool.actors), "pre-edit scores", progress):
-        have.update(zip([r.case_id for r in part], [s for p in pool.map("pre", "scores", part, []) for s in p]))
-        write_json(path, {"fingerprint": fingerprint, "scores": {str(k): v for k, v in have.items()}})
+    saved = len(have)
+    for r, s, _, error in _score(run, todo, Applied(), None, "pre-edit scores", "pre"):
+        if error is not None:
+            raise PoolError(f"pre-edit {error} (case {r.case_id})")
+        have[r.case_id] = s
+        if len(have) - saved >= 100:
+            store.write(have, fingerprint)
+            saved = len(have)
+    if todo:
+        store.write(have, fingerprint)
     return {r.case_id: have[r.case_id] for r in requests}
 
 
-def _read_targets(store: Path) -> dict[int, torch.Tensor]:
-    """case_id → z from the files `_targets` wrote."""
-    from safetensors import safe_open
-
-    have = {}
-    for f in sorted(store.glob("z-*.safetensors")):
-        try:
-            with safe_open(str(f), "pt") as g:
-                ids, z = json.loads(g.metadata()["case_ids"]), g.get_tensor("z")
-        except Exception as exc:  # noqa: BLE001 - name the file
-            raise ValueError(f"{f}: not a z file this run wrote ({exc}); delete it to recompute its targets") from exc
-        if len(ids) != len(z):
-            raise ValueError(f"{f}: {len(ids)} case_ids for {len(z)} targets; delete it to recompute them")
-        have.update(zip(ids, z))
-    return have
+def _write_scored(run: Run, scored: Iterator, make_row: Callable[[EditRequest, dict, dict], dict],
+                  pre: dict[int, dict], batch: int) -> None:
+    """Write a row per scored case, a chunk's rows as one part."""
+    rows = []
+    for r, post, worker, error in scored:
+        if error is not None:
+            rows += error_rows([r], RuntimeError(error), method=run.spec.method, model=run.spec.model.name, batch=batch)
+        else:
+            rows.append({**make_row(r, post, pre[r.case_id]), "worker": worker})
+        if len(rows) >= SCORE_CHUNK:
+            run.writer.add_many(rows)
+            rows = []
+    run.writer.add_many(rows)
 
 
-def _targets(pool: Pool, batch: list[EditRequest], state: list, per_worker: int, store: Path | None,
-             progress: bool) -> torch.Tensor:
-    """z for `batch`, in rounds of `per_worker` requests on each worker. With `store` each round's z is saved there
-    at once and a rerun reads them back, so a long batch resumes within its z. (z depend on the request and on
-    the model: the unedited one in the batch protocol, the one the saved run state fixes in the sequential.)"""
-    have = _read_targets(store) if store else {}
+def _targets(run: Run, batch: list[EditRequest], applied: Applied, per_worker: int, store: TargetStore) -> torch.Tensor:
+    """z for `batch`, in rounds of `per_worker` requests on each worker, each round saved to `store` at once, so a
+    rerun reads them back and a long batch resumes within its z. (z depend on the request and on the model: the
+    unedited one in the batch protocol, the one the saved run state fixes in the sequential.)"""
+    have = store.read()
     todo = [r for r in batch if r.case_id not in have]
-    size = per_worker * len(pool.actors)
-    rounds = range(0, len(todo), size)
-    if store and have:
-        print(f"resuming: {len(batch) - len(todo)} of {len(batch)} targets z already in {store}")
-    for s in tqdm(rounds, desc="z", unit="round", disable=not progress or len(rounds) < 2, leave=False,
-                  dynamic_ncols=True):
-        part = todo[s:s + size]
-        z = torch.cat(pool.map("z", "targets", part, state))
-        ids = [r.case_id for r in part]
-        if store:
-            save_tensors(store / f"z-{ids[0]}-{ids[-1]}.safetensors", {"z": z}, {"case_ids": json.dumps(ids)})
-        have.update(zip(ids, z))
+    size = per_worker * run.pool.size
+    if have:
+        print(f"resuming: {len(batch) - len(todo)} of {len(batch)} targets z already in {store.folder}")
+    with run.bar(len(todo), "z") as bar:
+        for s in range(0, len(todo), size):
+            t0 = time.perf_counter()
+            part = todo[s:s + size]
+            z = torch.cat(run.pool.scatter(shares(part, run.pool.size), "targets", applied))
+            ids = [r.case_id for r in part]
+            store.write(ids, z)
+            have.update(zip(ids, z))
+            run.timed("z", t0)
+            bar.update(len(part))
     return torch.stack([have[r.case_id] for r in batch])
 
 
-def _edit(pool: Pool, editor, solver, plan: dict, batch: list[EditRequest], state: list,
-          store: Path | None = None, progress: bool = False) -> Delta:
-    """One MEMIT-family edit of `batch` on the model with `state` applied, z and keys computed by the workers
-    (z saved to and read back from `store` if given)."""
+def _edit(run: Run, solver, plan: dict, batch: list[EditRequest], applied: Applied, store: TargetStore) -> Delta:
+    """One MEMIT-family edit of `batch` on the model with `applied`, z and keys computed by the workers."""
     t0 = time.perf_counter()
-    z = _targets(pool, batch, state, max(plan["z_batch"], Z_ROUND), store, progress)
+    z = _targets(run, batch, applied, max(plan["z_batch"], Z_ROUND), store)
 
     def inputs(layer: int, deltas: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        partial = [ray.put(deltas)]
-        parts = pool.map("keys", "inputs", batch, layer, state, partial)
+        t1 = time.perf_counter()
+        with_layers = applied.then(run.pool.put(Delta(dict(deltas))))   # the layers solved so far
+        parts = run.pool.scatter(shares(batch, run.pool.size), "inputs", layer, with_layers)
+        run.timed("keys", t1)
         return torch.cat([k for k, _ in parts]), torch.cat([h for _, h in parts])
 
     deltas = spread(solver, plan["layers"], plan["names"], z, inputs)
-    pool.seconds["edit"] = pool.seconds.get("edit", 0.0) + time.perf_counter() - t0
-    return Delta(deltas, {"method": editor.name, "model": plan["model"], "fingerprint": plan["fingerprint"],
+    run.timed("edit", t0)
+    return Delta(deltas, {"method": run.editor.name, "model": plan["model"], "fingerprint": plan["fingerprint"],
                           "layer": plan["layers"][-1], "layers": plan["layers"],
                           "cov": ";".join(sorted(set(plan["labels"].values()))),
                           "case_ids": [r.case_id for r in batch], "edit_s": time.perf_counter() - t0})
 
 
-def run_protocol_eval(config: dict, requests: list[EditRequest], out: str, workers: int, protocol: str,
-                      batch_size: int, checkpoints: list[int] | None = None, held_out: list[EditRequest] = (),
-                      cpus_per_worker: float = 1, gpus_per_worker: float = 0, address: str | None = None,
-                      progress: bool = True) -> dict:
-    """The batch or sequential protocol over `workers` BatchWorkers; OUT as for `run_eval`, returns the summary."""
-    if protocol not in ("batch", "sequential"):
-        raise ValueError(f"protocol must be batch or sequential here, got {protocol!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be ≥ 1, got {workers}")
-    ids = [r.case_id for r in [*requests, *held_out]]
-    if len(set(ids)) != len(ids):
-        raise ValueError("case_ids must be unique across the edited and the held-out cases")
-    out_dir = Path(out)
-    config = check_config(out_dir, config)
-    dataset = scorer_name(config.get("dataset"))
-    method = config["method"]
-    done = finished_case_ids(out_dir)
-    editor = make_editor(method, config.get("params"))
-    if protocol == "batch":
-        _read_targets(out_dir / "z")   # a bad z file fails here, before Ray starts
-        todo = [(i, b) for i, b in enumerate(batches(requests, batch_size)) if any(r.case_id not in done for r in b)]
-    else:
-        plan_checkpoints(len(requests), batch_size, checkpoints)   # bad checkpoints fail before Ray starts
-        complete = _sequential_complete(out_dir, requests, held_out, batch_size, checkpoints)
-        if done and not complete and not distributable(editor):
-            raise ValueError(f"{out} holds part of a sequential {method} run, which cannot resume midway (only "
-                             "MEMIT and AlphaEdit runs can); use another --out or delete that directory")
-        _read_state(out_dir / "run_state.safetensors", batches(requests, batch_size))   # a bad one fails here
-        for store in (out_dir / "z").glob("batch-*"):
-            _read_targets(store)
-        todo = [] if complete else list(enumerate(batches(requests, batch_size)))
-    _read_pre(out_dir / PRE_SCORES)   # as does a bad file of pre-edit scores
-    start = time.time()
-    timings: dict = {}
-    try:
-        if todo:
-            started = _start_ray(address, workers, cpus_per_worker, gpus_per_worker)
-            options = dict(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
-            try:
-                pool = Pool(config, workers, options)
-                try:
-                    with PartWriter(out_dir) as writer:
-                        if not distributable(editor):
-                            for ref in pool.actors[0].run_protocol.remote(
-                                    protocol, [r for _, b in todo for r in b], batch_size, checkpoints,
-                                    list(held_out), method, progress):
-                                for row in ray.get(ref):
-                                    if protocol == "sequential" or row["case_id"] not in done:
-                                        writer.add(row)
-                                writer.flush()
-                        elif protocol == "batch":
-                            _batch(pool, editor, todo, done, writer, method, progress, out_dir)
-                        else:
-                            _sequential(pool, editor, todo, held_out, checkpoints, batch_size, writer, method,
-                                        progress, out_dir)
-                    timings = {f"{k}_s": v for k, v in pool.seconds.items()}
-                finally:
-                    pool.close()
-            finally:
-                if started:
-                    ray.shutdown()
-    finally:
-        summary = summarize(read_results(out_dir), dataset)
-        finished = finished_case_ids(out_dir)
-        summary.update(wall_seconds=time.time() - start, workers=workers, protocol=protocol, batch_size=batch_size,
-                       timings=timings, complete=all(r.case_id in finished for r in requests))
-        write_json(out_dir / "summary.json", summary)
-    return summary
+def _solver(run: Run) -> tuple[dict, object]:
+    plan = run.pool.call("plan")
+    return plan, run.editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
 
 
-def _sequential_complete(out_dir: Path, requests, held_out, batch_size, checkpoints) -> bool:
-    cps = plan_checkpoints(len(requests), batch_size, checkpoints)
-    return read_results(out_dir, ["case_id"]).num_rows == sum(c + len(held_out) for c in cps)
-
-
-def _batch(pool: Pool, editor, todo: list, done: set, writer: PartWriter, method: str, progress: bool,
-           out_dir: Path) -> None:
-    plan = ray.get(pool.actors[0].plan.remote())
-    solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
-    for b, batch in tqdm(todo, desc=f"batch {method}", unit="batch", disable=not progress, dynamic_ncols=True):
-        pre = _pre_scores(pool, batch, out_dir / PRE_SCORES, plan["fingerprint"], progress)
+def _batch(run: Run, todo: list, done: set) -> None:
+    """The batch protocol, MEMIT-family: each batch edited on the unedited model, scored, forgotten."""
+    plan, solver = _solver(run)
+    method, model = run.spec.method, plan["model"]
+    for b, batch in tqdm(todo, desc=f"batch {method}", unit="batch", disable=not run.progress, dynamic_ncols=True):
+        pre = _pre_scores(run, batch, plan["fingerprint"])
         t0 = time.perf_counter()
         try:
-            delta = _edit(pool, editor, solver, plan, batch, [], out_dir / "z", progress)
+            delta = _edit(run, solver, plan, batch, Applied(), TargetStore(run.out / "z"))
         except Exception as exc:  # noqa: BLE001 - a failed batch becomes its error rows
-            for row in error_rows([r for r in batch if r.case_id not in done], exc, method=method, model=plan["model"],
-                                  batch=b):
-                writer.add(row)
+            run.writer.add_many(error_rows([r for r in batch if r.case_id not in done], exc, method=method,
+                                           model=model, batch=b))
             continue
         seconds = (time.perf_counter() - t0) / len(batch)
         extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
-        ref = [ray.put(delta)]
-        todo_rows = [r for r in batch if r.case_id not in done]
-        for part in _in_rounds(todo_rows, SCORE_ROUND * len(pool.actors), "post-edit scores", progress):
-            for r, post, worker in pool.map_rows("eval", part, [], pre, ref):
-                writer.add({**case_row(r, post, pre[r.case_id], method=method, model=plan["model"],
-                                       checkpoint=len(batch), batch=b, seconds=seconds, extra=extra),
-                            "worker": worker})
+        applied = Applied((run.pool.put(delta),))
+        cases = [r for r in batch if r.case_id not in done]
+        _write_scored(run, _score(run, cases, applied, pre, "post-edit scores", "eval"),
+                      lambda r, post, p: case_row(r, post, p, method=method, model=model, checkpoint=len(batch),
+                                                  batch=b, seconds=seconds, extra=extra), pre, b)
 
 
-def _read_state(path: Path, todo: list[list[EditRequest]]) -> tuple[int, dict, dict, dict]:
-    """(batches applied, Σ ΔW per module, AlphaEdit's K_p K_pᵀ per layer, meta) of a cut-short sequential run;
-    (0, {}, {}, {}) without one. The batches must be this run's first ones."""
-    if not path.exists():
-        return 0, {}, {}, {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["run_state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        n = int(meta["batches"])
-    except Exception as exc:  # noqa: BLE001 - name the file
-        raise ValueError(f"{path}: not a run state this tool wrote ({exc}); delete it to start the run over") from exc
-    want = [r.case_id for b in todo[:n] for r in b]
-    if n > len(todo) or meta.get("case_ids") != want:
-        raise ValueError(f"{path}: holds {n} batches of other cases than this run's first {n}; was --limit, "
-                         "--batch-size or --data changed? Use another --out or delete the file")
-    deltas = {k.removeprefix("delta/"): v for k, v in tensors.items() if k.startswith("delta/")}
-    kp = {int(k.removeprefix("kp/")): v for k, v in tensors.items() if k.startswith("kp/")}
-    return n, deltas, kp, meta
+def _batch_whole(run: Run, todo: list, done: set) -> None:
+    """The batch protocol, other editors: whole batches spread over the workers."""
+    method, model = run.spec.method, run.spec.model.name
+    with tqdm(total=len(todo), desc=f"batch {method}", unit="batch", disable=not run.progress,
+              dynamic_ncols=True) as bar:
+        for (b, batch), rows in run.pool.stream(todo, "batch"):
+            if isinstance(rows, Lost):
+                rows = error_rows(batch, RuntimeError(f"the batch {rows.message}"), method=method, model=model, batch=b)
+            run.writer.add_many([r for r in rows if r["case_id"] not in done])
+            bar.update(1)
 
 
-def _sequential(pool: Pool, editor, todo: list, held_out: list, checkpoints, batch_size: int, writer: PartWriter,
-                method: str, progress: bool, out_dir: Path) -> None:
-    """After each batch, Σ ΔW so far and AlphaEdit's K_p K_pᵀ are saved (OUT/run_state.safetensors) before the
-    checkpoint is scored, so a rerun applies them, scores whatever rows the last checkpoint lacks, and goes on
-    from the next batch, reading back the z that batch had saved (OUT/z/batch-B/)."""
-    plan = ray.get(pool.actors[0].plan.remote())
-    solver = editor.make_solver(plan["dims"], plan["covs"], plan["labels"], plan["lam"])
+def _written(out: Path) -> set[tuple[int, int]]:
+    """(case_id, checkpoint) of the rows OUT holds."""
+    table = read_results(out, ["case_id", "checkpoint"]) if finished_case_ids(out) else None
+    return set() if table is None else set(zip(table["case_id"].to_pylist(), table["checkpoint"].to_pylist()))
+
+
+def _sequential(run: Run, todo: list, held_out: list, checkpoints, batch_size: int) -> None:
+    """The sequential protocol, MEMIT-family. After each batch, Σ ΔW so far and the solver's state are saved
+    (OUT/run_state.safetensors) before the checkpoint is scored, so a rerun applies them, scores whatever rows
+    the last checkpoint lacks, and goes on from the next batch, reading back the z that batch had saved."""
+    plan, solver = _solver(run)
+    method, model = run.spec.method, plan["model"]
     requests = [r for _, b in todo for r in b]
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
-    path = out_dir / "run_state.safetensors"
-    n, total, kp, meta = _read_state(path, [b for _, b in todo])
-    if n and meta.get("fingerprint") != plan["fingerprint"]:
-        raise ValueError(f"{path}: made on another model (fingerprint {meta.get('fingerprint')}, this one "
-                         f"{plan['fingerprint']}); use another --out or delete the file")
-    written = set()
-    if finished_case_ids(out_dir):
-        table = read_results(out_dir, ["case_id", "checkpoint"])
-        written = set(zip(table["case_id"].to_pylist(), table["checkpoint"].to_pylist()))
-    pre = _pre_scores(pool, [*requests, *held_out], out_dir / PRE_SCORES, plan["fingerprint"], progress)
-    state = [[ray.put(Delta(total, {"fingerprint": plan["fingerprint"]}))]] if n else []
-    getattr(solver, "kp", {}).update(kp)                       # AlphaEdit: the kept keys of those batches
+    state = RunState(run.out)
+    n, total, solver_state, meta = state.read([b for _, b in todo], plan["fingerprint"])
+    written = _written(run.out)
+    pre = _pre_scores(run, [*requests, *held_out], plan["fingerprint"])
+    applied = Applied((run.pool.put(Delta(total, {"fingerprint": plan["fingerprint"]})),)) if n else Applied()
+    solver.load_state(solver_state)
     done = [r for _, b in todo[:n] for r in b]
     seconds = {int(k): v for k, v in meta.get("edit_s", {}).items()}
     if n:
-        print(f"resuming: {n} of {len(todo)} batches already applied, from {path}")
+        print(f"resuming: {n} of {len(todo)} batches already applied, from {state.path}")
     extra = meta.get("extra", {})
     first = max(n - 1, 0)   # a resumed run starts at its last saved batch, to score what its checkpoint lacks
-    for b, batch in tqdm(todo[first:], desc=f"sequential {method}", unit="batch", disable=not progress,
+    for b, batch in tqdm(todo[first:], desc=f"sequential {method}", unit="batch", disable=not run.progress,
                          dynamic_ncols=True, initial=first, total=len(todo)):
         if b >= n:
             t0 = time.perf_counter()
-            store = out_dir / "z" / f"batch-{b}"   # this batch's z, until the state after it is saved
-            delta = _edit(pool, editor, solver, plan, batch, state, store, progress)
-            state = [*state, [ray.put(delta)]]
+            store = TargetStore(run.out / "z" / f"batch-{b}")   # this batch's z, until the state after it is saved
+            delta = _edit(run, solver, plan, batch, applied, store)
+            applied = applied.then(run.pool.put(delta))
             if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
-                for part in pool.map("keys", "kept_keys", batch, state):
+                for part in run.pool.scatter(shares(batch, run.pool.size), "kept_keys", applied):
                     for layer, kkt in part.items():
                         solver.preserve(layer, kkt)
             seconds.update({r.case_id: (time.perf_counter() - t0) / len(batch) for r in batch})
             done += batch
             total = {k: total.get(k, 0) + d for k, d in delta.deltas.items()}
             extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
-            save_tensors(path, {**{f"delta/{k}": v for k, v in total.items()},
-                                **{f"kp/{layer}": v for layer, v in getattr(solver, "kp", {}).items()}},
-                         {"run_state": json.dumps({"batches": b + 1, "case_ids": [r.case_id for r in done],
-                                                   "edit_s": seconds, "extra": extra,
-                                                   "fingerprint": plan["fingerprint"]})})
-            shutil.rmtree(store, ignore_errors=True)
+            state.write(total, solver.state(), {"batches": b + 1, "case_ids": [r.case_id for r in done],
+                                                "edit_s": seconds, "extra": extra, "fingerprint": plan["fingerprint"]})
+            shutil.rmtree(store.folder, ignore_errors=True)
         missing = [r for r in [*done, *held_out] if (r.case_id, len(done)) not in written]
         if len(done) not in cps or not missing:
             continue
-        for part in _in_rounds(missing, SCORE_ROUND * len(pool.actors), f"checkpoint {len(done)}", progress):
-            for r, post, worker in pool.map_rows("eval", part, state, pre):
-                role = "edit" if r.case_id in seconds else "held_out"
-                writer.add({**case_row(r, post, pre[r.case_id], method=method, model=plan["model"],
-                                       checkpoint=len(done), batch=b, role=role, seconds=seconds.get(r.case_id),
-                                       extra=extra), "worker": worker})
-        writer.flush()
+        _write_scored(run, _score(run, missing, applied, pre, f"checkpoint {len(done)}", "eval"),
+                      lambda r, post, p: case_row(r, post, p, method=method, model=model, checkpoint=len(done),
+                                                  batch=b, role="edit" if r.case_id in seconds else "held_out",
+                                                  seconds=seconds.get(r.case_id), extra=extra), pre, b)
+
+
+def _sequential_whole(run: Run, todo: list, held_out: list, checkpoints, batch_size: int) -> None:
+    """The sequential protocol, other editors: whole on one worker; if it dies, it starts over on another and
+    only the rows not yet written are written."""
+    written = _written(run.out)
+    requests = [r for _, b in todo for r in b]
+    for rows in run.pool.generate("sequential", requests, batch_size, checkpoints, list(held_out), run.progress):
+        new = [r for r in rows if (r["case_id"], r["checkpoint"]) not in written]
+        run.writer.add_many(new)
+        written |= {(r["case_id"], r["checkpoint"]) for r in new}
+
+
+def _sequential_complete(out: Path, requests, held_out, batch_size, checkpoints) -> bool:
+    cps = plan_checkpoints(len(requests), batch_size, checkpoints)
+    return read_results(out, ["case_id"]).num_rows == sum(c + len(held_out) for c in cps)
+
+
+def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Path,
+                      held_out: list[EditRequest] = (), progress: bool = True) -> dict:
+    """The batch or sequential protocol (spec.protocol) on spec.resources; OUT as for `run_eval`, returns the
+    summary."""
+    if spec.protocol not in ("batch", "sequential"):
+        raise ValueError(f"protocol must be batch or sequential here, got {spec.protocol!r}")
+    ids = [r.case_id for r in [*requests, *held_out]]
+    if len(set(ids)) != len(ids):
+        raise ValueError("case_ids must be unique across the edited and the held-out cases")
+    out = Path(out)
+    prepare(spec, [*requests, *held_out], out)
+    editor = make_editor(spec.method, spec.params)
+    split = distributable(editor)
+    done = finished_case_ids(out)
+    all_batches = list(enumerate(batches(requests, spec.batch_size)))
+    if spec.protocol == "batch":
+        TargetStore(out / "z").read()   # a bad z file fails here, before a model loads
+        todo = [(i, b) for i, b in all_batches if any(r.case_id not in done for r in b)]
+    else:
+        plan_checkpoints(len(requests), spec.batch_size, spec.checkpoints)   # bad checkpoints fail here
+        complete = _sequential_complete(out, requests, held_out, spec.batch_size, spec.checkpoints)
+        if done and not complete and not split:
+            raise ValueError(f"{out} holds part of a sequential {spec.method} run, which cannot resume midway (only "
+                             "MEMIT and AlphaEdit runs can); use another --out or delete that directory")
+        RunState(out).read([b for _, b in all_batches])   # as does a bad run state
+        TargetStore(out / "z").check()
+        todo = [] if complete else all_batches
+    PreScores(out).read()   # and a bad file of pre-edit scores
+    start, timings = time.time(), {}
+    whole_on_one = spec.protocol == "sequential" and not split
+    if whole_on_one and spec.resources.workers > 1:
+        print(f"[kedit] a sequential {spec.method} run edits on one worker (each edit depends on the last): "
+              "loading one", flush=True)
+    size = 1 if whole_on_one else len(requests) if split else len(todo)   # no worker without work
+    try:
+        if todo:
+            with open_pool(BatchWorker, (spec,), spec.resources, size=size) as pool, \
+                    PartWriter(out) as writer:
+                share_covariances(pool, spec)
+                run = Run(pool, spec, editor, out, writer, progress)
+                if spec.protocol == "batch":
+                    (_batch if split else _batch_whole)(run, todo, done)
+                elif split:
+                    _sequential(run, todo, list(held_out), spec.checkpoints, spec.batch_size)
+                else:
+                    _sequential_whole(run, todo, list(held_out), spec.checkpoints, spec.batch_size)
+                timings = {f"{k}_s": v for k, v in run.seconds.items()}
+    finally:
+        summary = finish(out, requests, start, scorer_name(spec.dataset), workers=spec.resources.workers,
+                         protocol=spec.protocol, batch_size=spec.batch_size, timings=timings)
+    return summary

@@ -1,147 +1,130 @@
-"""The `kedit eval` driver: EditRequests → a pool of EditWorkers → Parquet parts → summary.json.
+"""The `kedit eval` driver, single protocol: EditRequests → the pool's EditWorkers → Parquet parts → summary.
 
-Resume: cases with a row in OUT/results are skipped, errored ones included, so no case_id is
-ever written twice. `retry_errors=True` first deletes the error rows, then reruns those cases.
-
-Scheduling: one case in flight per actor, so a slow worker holds one case and a dead actor's
-case is known exactly. Ray restarts a dead actor once and retries its case there
-(max_restarts=1, max_task_retries=1); an actor that dies for good is replaced (at most
-`workers` times per run) and its case goes back to the queue; a case that took two actors
-down becomes an error row. (Ray's ActorPool would hand a dead actor out again, hence the
-small loop here.)
+Before any model loads: OUT/results must be writable, and results already there must be of the same settings
+(config.json; a run that wrote no row locks nothing). Resume: cases with a row in OUT/results are skipped,
+errored ones included, so no case_id is ever written twice (a damaged part is quarantined first, so exactly its
+cases run again); `retry_errors=True` first deletes the error rows. Each row is written as its case finishes;
+the parts are compacted when the run ends. The pool's fault policy (pool.py) requeues the case of a worker that
+died; a case that took two workers down becomes an error row.
 """
 from __future__ import annotations
 
-import logging
-import math
+import importlib
+import sys
 import time
-from collections import Counter, deque
+import traceback
+from collections import Counter
 from pathlib import Path
 
-import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
 from tqdm import tqdm
 
-from kedit_ray.distributed.sink import PartWriter, check_config, drop_error_rows, finished_case_ids, read_results
-from kedit_ray.distributed.worker import EditWorker, error_row
+from kedit_ray.distributed.pool import Lost, open_pool
+from kedit_ray.distributed.worker import ModelWorker
 from kedit_ray.eval.summary import summarize
 from kedit_ray.io import write_json
 from kedit_ray.requests import EditRequest
-
-MAX_CASE_DEATHS = 2
-
-
-def _start_ray(address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float) -> bool:
-    """Join or start Ray; True when this call started it (and so must shut it down)."""
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return True
-    ray.init(address="local", num_cpus=max(1, math.ceil(workers * cpus_per_worker)), include_dashboard=False,
-             logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
-    need, have = workers * gpus_per_worker, ray.cluster_resources().get("GPU", 0)
-    if need > have:
-        ray.shutdown()
-        raise ValueError(f"{workers} workers × {gpus_per_worker} GPU need {need} GPUs; this machine has {have:g}")
-    return True
+from kedit_ray.results import (PartWriter, check_config, check_writable, compact, drop_error_rows, finished_case_ids,
+                               read_results)
+from kedit_ray.spec import RUN_ONLY, EvalSpec
 
 
-def _dispatch(config: dict, todo: list[EditRequest], writer: PartWriter, bar: tqdm, workers: int,
-              options: dict) -> None:
-    threads = max(1, int(options["num_cpus"]))
-
-    def spawn(index: int):
-        return EditWorker.options(**options).remote(config, index, threads)
-
-    actors = {spawn(i): i for i in range(workers)}
-    try:
-        _loop(config, todo, writer, bar, actors, spawn)
-    finally:  # free the resources even when Ray outlives this run (a job, a notebook)
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+def load_runner(spec: str) -> type:
+    """"package.module:Class" → the class. Its module must import on every node (kedit_ray is installed there; a
+    module of your own goes in via PYTHONPATH or `ray job submit --runtime-env-json`)."""
+    module, _, qualname = spec.partition(":")
+    if not qualname:
+        raise ValueError(f"runner must be 'module:qualname', got {spec!r}")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
-def _loop(config: dict, todo: list[EditRequest], writer: PartWriter, bar: tqdm, actors: dict, spawn) -> None:
-    """Hand cases to idle actors one at a time; write each returned row. `actors` maps actor → index."""
-    ray.get([a.ready.remote() for a in actors])  # a runner that cannot start fails the run here
-    queue, idle = deque(todo), list(actors)
-    inflight: dict = {}
-    deaths: Counter = Counter()
-    replacements, errors = len(actors), 0
-    while queue or inflight:
-        while queue and idle:
-            actor, request = idle.pop(), queue.popleft()
-            inflight[actor.run.remote(request)] = (actor, request)
-        if not inflight:
-            raise RuntimeError("every worker died; the cases done so far are saved, rerun to resume")
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=writer.max_seconds)
-        writer.maybe_flush()
-        for ref in ready:
-            actor, request = inflight.pop(ref)
-            try:
-                row = ray.get(ref)
-                idle.append(actor)
-            except ActorUnavailableError:
-                queue.appendleft(request)
-                idle.append(actor)
-                continue
-            except RayActorError as exc:  # died for good
-                index = actors.pop(actor)
-                if replacements:
-                    replacements -= 1
-                    new = spawn(index)
-                    actors[new] = index
-                    idle.append(new)
-                deaths[request.case_id] += 1
-                if deaths[request.case_id] < MAX_CASE_DEATHS:
-                    queue.appendleft(request)
-                    continue
-                cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                row = error_row(config, request, RuntimeError(f"the case took down {MAX_CASE_DEATHS} workers: {cause}"))
-            errors += row.get("error") is not None
-            writer.add(row)
-            bar.update(1)
-            bar.set_postfix(errors=errors, refresh=False)
+def error_row(spec: EvalSpec, request: EditRequest, message: str) -> dict:
+    """The row of a failed case: metrics null, `error` = what went wrong."""
+    return {"case_id": request.case_id, "method": spec.method, "model": spec.model.name, "error": message}
 
 
-def run_eval(config: dict, requests: list[EditRequest], out: str, workers: int, cpus_per_worker: float = 1,
-             gpus_per_worker: float = 0, address: str | None = None, progress: bool = True,
-             retry_errors: bool = False) -> dict:
-    """Evaluate `requests` on `workers` EditWorkers; results in OUT/results, returns OUT/summary.json's dict.
+class EditWorker(ModelWorker):
+    """Runs cases one at a time with the spec's runner (default: kedit_ray.eval.runner.CaseRunner). A case whose
+    runner raises becomes a row with `error` set. A runner class with `needs_model = False` gets no model."""
 
-    `config` holds "model", "method", the editor's hyperparameters and optionally "runner"
-    ("module:qualname"). address None starts a local Ray on 127.0.0.1; "auto" or "host:port"
-    joins a cluster; an already initialised Ray is reused. Ray is shut down only if started here.
-    """
-    if workers < 1:
-        raise ValueError(f"workers must be ≥ 1, got {workers}")
+    def __init__(self, spec: EvalSpec, index: int, cpus: float, gpus: list | None = None):
+        runner = load_runner(spec.runner)
+        super().__init__(spec.model if getattr(runner, "needs_model", True) else None, index, cpus, gpus)
+        self.spec = spec
+        self.runner = runner(spec, self.lm)
+        self.editor = getattr(self.runner, "editor", None)
+
+    def run(self, request: EditRequest) -> dict:
+        try:
+            row = dict(self.runner.run(request))
+        except Exception as exc:  # noqa: BLE001 - any failure of one case becomes its error row
+            print(f"case {request.case_id} failed on {self.name}:\n{traceback.format_exc()}", file=sys.stderr)
+            row = error_row(self.spec, request, f"{type(exc).__name__}: {exc}")
+        row["worker"] = self.name
+        return row
+
+
+def share_covariances(pool, spec: EvalSpec) -> None:
+    """Resolve the editor's C once, here (its missing layer statistics summed by the pool's own workers), and hand
+    it to every worker through the object store: a worker on a node whose stats cache is empty uses it too."""
+    found = pool.call("stats_need")
+    if found is None:
+        return
+    from kedit_ray.editors.covariance import read_covariances
+
+    need, compute = found
+    covs = read_covariances(spec.model.name, need, compute, pool=pool)
+    pool.broadcast("use_covariances", pool.put(covs))
+
+
+def prepare(spec: EvalSpec, requests: list[EditRequest], out: Path) -> None:
+    """What every protocol checks before a model loads: unique case_ids, a writable OUT, the same settings."""
     ids = Counter(r.case_id for r in requests)
     if dupes := sorted(i for i, n in ids.items() if n > 1):
         raise ValueError(f"case_ids must be unique; repeated: {dupes[:10]}")
-    out_dir = Path(out)
-    config = check_config(out_dir, config)
+    check_writable(out)
+    check_config(out, spec.to_json(), RUN_ONLY, EvalSpec.from_json)
+
+
+def finish(out: Path, requests: list[EditRequest], start: float, dataset: str | None = None, **extra) -> dict:
+    """Compact the parts, write and return summary.json: the aggregates, `requested` cases, `complete`."""
+    compact(out)
+    table = read_results(out)
+    summary = summarize(table) if dataset is None else summarize(table, dataset)
+    finished = set(table["case_id"].to_pylist())
+    summary.update(wall_seconds=time.time() - start, requested=len(requests), **extra,
+                   complete=all(r.case_id in finished for r in requests))
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def run_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Path, progress: bool = True,
+             retry_errors: bool = False) -> dict:
+    """Evaluate `requests` (single protocol) on spec.resources; results in OUT/results, returns the summary
+    (also OUT/summary.json): `cases`, `errors`, `requested` and `complete` among the aggregates."""
+    out = Path(out)
+    prepare(spec, requests, out)
     if retry_errors:
-        drop_error_rows(out_dir)
-    done = finished_case_ids(out_dir)
+        drop_error_rows(out)
+    done = finished_case_ids(out)
     todo = sorted((r for r in requests if r.case_id not in done), key=lambda r: r.case_id)
     start = time.time()
     try:
         if todo:
-            started = _start_ray(address, workers, cpus_per_worker, gpus_per_worker)
-            options = dict(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=1, max_task_retries=1)
-            try:
-                with PartWriter(out_dir) as writer, tqdm(total=len(requests), initial=len(requests) - len(todo),
-                                                         unit="case", desc=f"eval {config.get('method', '')}",
-                                                         disable=not progress, dynamic_ncols=True) as bar:
-                    _dispatch(config, todo, writer, bar, min(workers, len(todo)), options)
-            finally:
-                if started:
-                    ray.shutdown()
+            with open_pool(EditWorker, (spec,), spec.resources, size=len(todo)) as pool, PartWriter(out) as writer, \
+                    tqdm(total=len(requests), initial=len(requests) - len(todo), unit="case",
+                         desc=f"eval {spec.method}", disable=not progress, dynamic_ncols=True) as bar:
+                share_covariances(pool, spec)
+                errors = 0
+                for request, row in pool.stream(todo, "run"):
+                    if isinstance(row, Lost):
+                        row = error_row(spec, request, f"RuntimeError: the case {row.message}")
+                    writer.add(row)
+                    errors += row.get("error") is not None
+                    bar.update(1)
+                    bar.set_postfix(errors=errors, refresh=False)
     finally:
-        summary = summarize(read_results(out_dir))
-        finished = finished_case_ids(out_dir)
-        summary.update(wall_seconds=time.time() - start, workers=workers,
-                       complete=all(r.case_id in finished for r in requests))
-        write_json(out_dir / "summary.json", summary)
+        summary = finish(out, requests, start, workers=spec.resources.workers)
     return summary

@@ -58,6 +58,18 @@ class AlphaEditSolver:
         """K_p K_pᵀ += K Kᵀ for the keys of edits applied for good."""
         self.kp[layer] += kkt.double().to(self.kp[layer].device)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """K_p K_pᵀ per layer, the keys of the edits applied for good (to resume a sequential run)."""
+        return {f"kp/{layer}": kkt for layer, kkt in self.kp.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, kkt in state.items():
+            layer = int(name.removeprefix("kp/"))
+            if layer not in self.kp or kkt.shape != self.kp[layer].shape:
+                raise ValueError(f"solver state {name} {tuple(kkt.shape)} does not fit the edited layers "
+                                 f"{sorted(self.kp)}")
+            self.kp[layer] = kkt.double()
+
     def null_dims(self) -> dict[int, int]:
         return {layer: round(torch.trace(p).item()) for layer, p in self.p.items()}
 

@@ -106,3 +106,4 @@ class KENet(HyperNet):
 
 class KE(LearnedEditor):
     name = "ke"
+    net = (KENet, KEConfig)

@@ -308,15 +308,9 @@ def load_tensors(out: str | Path, meta: dict, key: str) -> dict[str, torch.Tenso
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def build_net(lm: LM, method: str, cfg: dict) -> tuple[HyperNet, list[str]]:
-    """The network of `method` for `lm` from its config dict (KEConfig / MENDConfig fields)."""
-    from kedit_ray.editors.ke import KEConfig, KENet
-    from kedit_ray.editors.mend import MENDConfig, MENDNet
-
-    nets = {"ke": (KENet, KEConfig), "mend": (MENDNet, MENDConfig)}
-    if method not in nets:
-        raise ValueError(f"unknown learned editor {method!r}; choose ke or mend")
-    net_cls, cfg_cls = nets[method]
+def make_net(lm: LM, net_cls: type, cfg_cls: type, cfg: dict) -> tuple[HyperNet, list[str]]:
+    """A network of class `net_cls` for `lm` from its config dict (`cfg_cls` fields); by method name:
+    kedit_ray.editors.nets.build_net."""
     c = cfg_cls.from_dict(cfg)
     c.resolve(lm)
     names = edited_names(lm, c.layers, c.modules)
@@ -324,16 +318,16 @@ def build_net(lm: LM, method: str, cfg: dict) -> tuple[HyperNet, list[str]]:
     return net_cls(c, shapes_of(lm, names), embed), names
 
 
-def load_net(lm: LM, out: str | Path, method: str | None = None) -> tuple[HyperNet, list[str], dict]:
-    """The trained network in OUT for `lm`: refuses another method's or another model's checkpoint."""
+def read_net(lm: LM, out: str | Path, method: str, net_cls: type, cfg_cls: type) -> tuple[HyperNet, list[str], dict]:
+    """The trained `method` network in OUT for `lm`: refuses another method's or another model's checkpoint."""
     meta = read_meta(out)
     if meta is None:
         raise FileNotFoundError(f"{Path(out) / META_FILE}: no editor checkpoint there; train one with "
-                                f"`kedit train --method {method or 'ke'} --out {out}`")
-    if method is not None and meta["method"] != method:
+                                f"`kedit train --method {method} --out {out}`")
+    if meta["method"] != method:
         raise ValueError(f"{Path(out) / META_FILE}: a {meta['method']!r} checkpoint, not {method!r}")
     check_fingerprint(meta, lm, Path(out) / META_FILE)
-    net, names = build_net(lm, meta["method"], meta["net"])
+    net, names = make_net(lm, net_cls, cfg_cls, meta["net"])
     net.load_state_dict(load_tensors(out, meta, "weights"))
     return net.eval(), names, meta
 
@@ -350,9 +344,11 @@ class LearnedParams:
 
 
 class LearnedEditor:
-    """Edits with a trained network: one forward and backward on x, one pass of the network, ΔW as a Delta."""
+    """Edits with a trained network: one forward and backward on x, one pass of the network, ΔW as a Delta.
+    Subclasses name their network's classes in `net` (HyperNet class, its config class)."""
 
     name = ""
+    net: tuple[type, type]
 
     def __init__(self, params: LearnedParams | None = None):
         self.hp = params or LearnedParams()
@@ -363,7 +359,7 @@ class LearnedEditor:
             raise ValueError(f"--method {self.name} needs a trained network: pass --editor-checkpoint DIR "
                              f"(make one with `kedit train --method {self.name}`)")
         if self._loaded is None or self._loaded[0] != lm.fingerprint:
-            self._loaded = (lm.fingerprint, *load_net(lm, self.hp.editor_checkpoint, self.name))
+            self._loaded = (lm.fingerprint, *read_net(lm, self.hp.editor_checkpoint, self.name, *self.net))
         return self._loaded[1:]
 
     @torch.no_grad()

@@ -110,6 +110,14 @@ class MemitSolver:
         a = self.lam * c.to(k.device) + k.T @ k                       # λ C + K Kᵀ
         return (torch.linalg.solve(a, k.T) @ r).T                      # (R Kᵀ (λC + KKᵀ)⁻¹), C symmetric
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What the solver learnt from earlier batches (none: MEMIT's solve depends on C and λ alone)."""
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"MEMIT's solver keeps no state, got {sorted(state)}")
+
 
 def spread(solver, layers: list[int], names: list[str], z: torch.Tensor,
            inputs: Callable[[int, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],

@@ -128,3 +128,4 @@ class MENDNet(HyperNet):
 
 class MEND(LearnedEditor):
     name = "mend"
+    net = (MENDNet, MENDConfig)

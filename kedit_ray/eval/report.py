@@ -61,7 +61,7 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    from kedit_ray.distributed.sink import read_results   # the sink is plain pyarrow, no Ray
+    from kedit_ray.results import read_results   # names and quarantines a damaged part
     from kedit_ray.eval import scorer_name
 
     if not (Path(run_dir) / "results").is_dir():

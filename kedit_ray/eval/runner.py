@@ -6,23 +6,21 @@ import time
 from kedit_ray.editors import make_editor
 from kedit_ray.eval import score
 from kedit_ray.eval.counterfact import fluency, generate
-from kedit_ray.models import load
+from kedit_ray.models import LM
 from kedit_ray.requests import EditRequest
+from kedit_ray.spec import EvalSpec
 
 
 class CaseRunner:
-    """config: model, method, params (editor hyper-parameters), dataset (picks the scorer), device_map,
-    dtype, max_memory, templates, fluency (bool)."""
+    """The single protocol's runner: the spec's editor on the worker's model, scored by the spec's dataset."""
 
-    def __init__(self, config: dict):
-        self.config = config
-        self.lm = load(config["model"], device_map=config.get("device_map"), dtype=config.get("dtype", "float32"),
-                       templates=config.get("templates"), max_memory=config.get("max_memory"))
-        self.editor = make_editor(config["method"], config.get("params"))
+    def __init__(self, spec: EvalSpec, lm: LM):
+        self.spec, self.lm = spec, lm
+        self.editor = make_editor(spec.method, spec.params)
 
     def scores(self, req: EditRequest, prefix: str = "", pre: dict | None = None) -> dict:
-        out = score(self.config.get("dataset"), self.lm, req, pre)
-        if self.config.get("fluency"):
+        out = score(self.spec.dataset, self.lm, req, pre)
+        if self.spec.fluency:
             out["fluency"] = fluency(generate(self.lm, [req.text, *req.paraphrase_prompts]))
         return {prefix + k: v for k, v in out.items()}
 
@@ -35,6 +33,6 @@ class CaseRunner:
             post = self.scores(req, pre=pre)
         meta = delta.meta   # what the editor reports (ROME: all of these; MEMIT: no key_s)
         numeric = {k: v for k, v in {**post, **pre}.items() if not isinstance(v, list)}  # zsRE's argmax lists
-        return {"case_id": req.case_id, "method": self.config["method"], "model": self.config["model"], **numeric, "edit_seconds": seconds, "error": None, "delta_norm": sum(delta.norms().values()),
+        return {"case_id": req.case_id, "method": self.spec.method, "model": self.spec.model.name, **numeric,
+                "edit_seconds": seconds, "error": None, "delta_norm": sum(delta.norms().values()),
                 **{k: meta[k] for k in ("layer", "cov", "v_steps", "key_s", "value_s", "solve_s") if k in meta}}
-

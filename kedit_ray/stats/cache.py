@@ -137,29 +137,42 @@ def load(path: Path, key: Key, layer: int, fingerprint: str | None = None,
     return mom2, info
 
 
+def _partial_digest(sums: dict[int, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 over the partial sums and the counts beside them (so a damaged partial file is never resumed)."""
+    h = hashlib.sha256(json.dumps({k: meta[k] for k in ("done", "count", "docs")}, sort_keys=True).encode())
+    for layer in sorted(sums):
+        h.update(str(layer).encode())
+        h.update(memoryview(sums[layer].contiguous().numpy()).cast("B"))
+    return h.hexdigest()
+
+
 def save_partial(path: Path, partial, done: set[int], header: dict) -> None:
     meta = {**header, "done": json.dumps(sorted(done)), "count": str(partial.count), "docs": str(partial.docs)}
+    meta["sha256"] = _partial_digest(partial.sums, meta)
     save_tensors(path, {f"L{layer}": s for layer, s in partial.sums.items()}, meta)
 
 
 def load_partial(path: Path, header: dict):
-    """The sums and finished shards of an interrupted run, checked against this run's header."""
+    """The sums and finished shards of an interrupted run, checked against their checksum and this run's header."""
     from safetensors import safe_open
 
     from kedit_ray.stats.accumulate import Partial
 
+    again = "delete the file (or pass --recompute) to start over"
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             sums = {int(name[1:]): f.get_tensor(name) for name in f.keys()}
         done = set(json.loads(meta["done"]))
         partial = Partial(sums, int(meta["count"]), int(meta["docs"]))
+        digest = _partial_digest(sums, meta)
     except Exception as e:
-        raise StatsError(f"partial stats {path} are unreadable ({e}); delete the file to start over") from None
+        raise StatsError(f"partial stats {path} are unreadable ({e}); {again}") from None
+    if meta.get("sha256") != digest:
+        raise StatsError(f"partial stats {path} are damaged (their checksum does not match); {again}")
     for k, want in header.items():
         if meta.get(k) != want:
-            raise StatsError(f"partial stats {path} are for {k}={meta.get(k)!r}, not {want!r}; "
-                             f"delete the file to start over")
+            raise StatsError(f"partial stats {path} are for {k}={meta.get(k)!r}, not {want!r}; {again}")
     return partial, done
 
 

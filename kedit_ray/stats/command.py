@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
                    help="dtype C is stored in (the sums are float64)")
     p.add_argument("--cache", default=None, help="stats directory (default: $KEDIT_STATS_CACHE, else $KEDIT_HOME/stats)")
+    p.add_argument("--recompute", action="store_true",
+                   help="compute again a cached or partial file found damaged (default: an error naming it)")
     p.add_argument("--json", action="store_true", help='print {"files": [...]} on stdout')
 
 
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     check_model(args.model)
     infos = compute_stats(args.model, args.layers, args.module, args.corpus, args.samples, args.max_len,
                           args.batch_tokens, args.stats_dtype, args.cache, args.workers, args.shard_docs,
-                          address=args.address, load_kw=model_kw(args))
+                          address=args.address, load_kw=model_kw(args), cpus_per_worker=args.cpus_per_worker,
+                          gpus_per_worker=args.gpus_per_worker, recompute=args.recompute)
     if args.json:
         print(json.dumps({"files": [i["path"] for i in infos]}))
     else:

@@ -8,6 +8,7 @@ shard twice; the result does not depend on how many workers summed the shards.
 """
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 import time
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kedit_ray.models import LM, check_layer
+from kedit_ray.spec import Resources
 from kedit_ray.stats import cache as sc
 from kedit_ray.stats import corpus as sp
 from kedit_ray.stats.accumulate import Partial, accumulate
@@ -102,11 +104,24 @@ class _Progress:
         self.bar.close()
 
 
+def _unusable(error: sc.StatsError, path: Path, recompute: bool) -> None:
+    """A damaged or foreign stats file: an error naming it, or (`recompute`) said and removed."""
+    if not recompute:
+        raise error
+    print(f"[kedit] {error}; --recompute: computing it again", file=sys.stderr, flush=True)
+    path.unlink()
+
+
 def _compute(info: sc.ModelInfo, key: sc.Key, cache: Path, layers: list[int], shard_docs: int, progress: bool,
-             run_shards: RunShards) -> list[dict]:
+             run_shards: RunShards, recompute: bool = False) -> list[dict]:
     head = sc.header(key, info, layers, shard_docs)
     partial_path = key.partial_path(cache, layers, shard_docs)
-    total, done = sc.load_partial(partial_path, head) if partial_path.exists() else (Partial(), set())
+    total, done = Partial(), set()
+    if partial_path.exists():
+        try:
+            total, done = sc.load_partial(partial_path, head)
+        except sc.StatsError as e:
+            _unusable(e, partial_path, recompute)
     resumed = len(done)
     if resumed:
         print(f"[kedit] resuming {partial_path}: {resumed} shards ({total.docs} documents, {total.count} tokens) "
@@ -130,28 +145,36 @@ def _compute(info: sc.ModelInfo, key: sc.Key, cache: Path, layers: list[int], sh
     return infos
 
 
-def _cached(key: sc.Key, cache: Path, layers: list[int], lm: LM | None) -> dict[int, dict]:
-    """Checked infos of the layers whose files exist (a wrong file raises StatsError)."""
+def _cached(key: sc.Key, cache: Path, layers: list[int], lm: LM | None, recompute: bool = False) -> dict[int, dict]:
+    """Checked infos of the layers whose files exist (a wrong file raises StatsError, or with `recompute` is
+    removed, to be computed again)."""
     dims = sc.ModelInfo.of(lm).dims[key.module] if lm is not None else None
     found = {}
     for layer in layers:
         path = key.path(cache, layer)
         if path.exists():
             fp, dim = (lm.fingerprint, dims[layer]) if lm is not None else (None, None)
-            found[layer] = {**sc.load(path, key, layer, fp, dim)[1], "cached": True}
+            try:
+                found[layer] = {**sc.load(path, key, layer, fp, dim)[1], "cached": True}
+            except sc.StatsError as e:
+                _unusable(e, path, recompute)
     return found
 
 
 def compute_stats(lm: LM | str, layers: Iterable[int], module: str = "mlp_out", corpus: str | Path = DEFAULT_CORPUS,
                   samples: int = DEFAULT_SAMPLES, max_len: int | None = None, batch_tokens: int = 4096,
                   dtype: str = "float32", cache: str | Path | None = None, workers: int = 1, shard_docs: int = 256,
-                  progress: bool = True, address: str | None = None, load_kw: dict | None = None) -> list[dict]:
+                  progress: bool = True, address: str | None = None, load_kw: dict | None = None, pool=None,
+                  gpus_per_worker: float = 0, cpus_per_worker: float | None = None,
+                  recompute: bool = False) -> list[dict]:
     """C for several layers in one pass per batch; returns one info dict (path and metadata) per layer.
 
     `lm` is a loaded model or a name; by name, a cache hit loads nothing (the name is checked, not the weights),
     and a miss loads it with `load_kw` (device_map, templates, ...).
-    With `workers` > 1 or a Ray `address`, StatsWorker actors (each loading the model by name) sum the shards;
-    otherwise they are summed here, without Ray."""
+    With `workers` > 1 or a Ray `address` (or $RAY_ADDRESS), Ray workers (each loading the model by name) sum the
+    shards; so do the workers of `pool` (an open kedit_ray.distributed pool); otherwise they are summed here,
+    without Ray. A damaged or foreign cached or partial file is an error naming it; with `recompute` it is
+    computed again."""
     layers = sorted(set(layers))
     if not layers:
         raise ValueError("no layers requested")
@@ -160,17 +183,20 @@ def compute_stats(lm: LM | str, layers: Iterable[int], module: str = "mlp_out", 
     if not isinstance(lm, str):
         for layer in layers:
             check_layer(lm.model, layer)
-    found = _cached(key, cache, layers, None if isinstance(lm, str) else lm)
+    found = _cached(key, cache, layers, None if isinstance(lm, str) else lm, recompute)
     missing = [layer for layer in layers if layer not in found]
-    if missing and (workers > 1 or address):
-        from kedit_ray.distributed.stats import WorkerPool
+    resources = Resources(workers, cpus_per_worker, gpus_per_worker, address)
+    if missing and (pool is not None or not resources.in_process):
+        from kedit_ray.distributed.stats import stats_pool, sum_shards
 
-        with WorkerPool(lm, workers, address) as pool:
+        with contextlib.nullcontext(pool) if pool is not None else stats_pool(lm, resources, load_kw) as pool:
+            info = pool.call("model_info")
             for layer in missing:
-                if not 0 <= layer < pool.info.n_layers:
-                    raise ValueError(f"layer {layer} does not exist: the model has layers 0..{pool.info.n_layers - 1}")
-            computed = _compute(pool.info, key, cache, missing, shard_docs, progress,
-                                lambda todo, _batch: pool.run(todo, missing, module, key.max_len, batch_tokens))
+                if not 0 <= layer < info.n_layers:
+                    raise ValueError(f"layer {layer} does not exist: the model has layers 0..{info.n_layers - 1}")
+            computed = _compute(info, key, cache, missing, shard_docs, progress,
+                                lambda todo, _batch: sum_shards(pool, todo, missing, module, key.max_len, batch_tokens),
+                                recompute)
     elif missing:
         if isinstance(lm, str):
             from kedit_ray.models import load
@@ -183,7 +209,7 @@ def compute_stats(lm: LM | str, layers: Iterable[int], module: str = "mlp_out", 
             for i, docs in todo:
                 yield i, accumulate(lm, missing, module, docs, key.max_len, batch_tokens, on_batch)
 
-        computed = _compute(sc.ModelInfo.of(lm), key, cache, missing, shard_docs, progress, run_here)
+        computed = _compute(sc.ModelInfo.of(lm), key, cache, missing, shard_docs, progress, run_here, recompute)
     else:
         computed = []
     found.update(zip(missing, computed))

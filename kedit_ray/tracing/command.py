@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kedit_ray.options import add_model_args, add_ray_args, cpus_per_worker, model_kw, positive, templates
+from kedit_ray.options import add_model_args, add_ray_args, model_kw, positive
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
@@ -51,37 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the layer to edit: the peak of the average MLP effect at the last subject token")
 
 
-class LocalTracer:
-    """The TracePool interface, in this process."""
-
-    def __init__(self, model: str, params, load_kw: dict):
-        from kedit_ray.models import load
-
-        self.lm, self.params = load(model, **load_kw), params
-
-    def noise_std(self, texts: list[str]) -> float:
-        from kedit_ray.tracing.trace import noise_std
-
-        return noise_std(self.lm, texts)
-
-    def traces(self, facts, sigma: float):
-        from kedit_ray.tracing.trace import trace_known
-
-        return (trace_known(self.lm, f, sigma, self.params) for f in facts)
-
-    def __enter__(self) -> LocalTracer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kedit_ray.datasets import load_known
-    from kedit_ray.distributed.sink import check_config
+    from kedit_ray.distributed.pool import Lost, open_pool
+    from kedit_ray.distributed.trace import TraceWorker
     from kedit_ray.models.loading import check_model
+    from kedit_ray.results import check_config
+    from kedit_ray.spec import ModelSpec, Resources
     from kedit_ray.tracing import plots, results
     from kedit_ray.tracing.trace import TraceParams
 
@@ -95,19 +73,17 @@ def run(args: argparse.Namespace) -> int:
     done = results.finished(out)
     todo = [f for f in selected if f.id not in done]
     params = TraceParams(args.kind, args.window, args.samples, args.seed, args.max_rows)
-    if args.workers > 1 or args.address:
-        from kedit_ray.distributed.trace import TracePool
-
-        tracer = TracePool(args.model, params, args.workers, args.address, cpus_per_worker(args), templates(args))
-    else:
-        tracer = LocalTracer(args.model, params, model_kw(args))
+    model = ModelSpec.from_kw(args.model, **model_kw(args))
     skipped, errors = results.read_skipped(out), {}
-    with tracer:
+    with open_pool(TraceWorker, (model, params), Resources.from_args(args), size=max(1, len(todo))) as pool:
         # σ from every prompt of the file, so that it does not depend on --limit
-        sigma = 3 * tracer.noise_std([f.prompt for f in facts]) if args.noise == "auto" else args.noise
+        sigma = 3 * pool.call("noise_std", [f.prompt for f in facts]) if args.noise == "auto" else args.noise
         bar = tqdm(total=len(todo), unit="fact", desc="trace", file=sys.stderr)
-        for trace in tracer.traces(todo, sigma):
-            if trace.error:
+        for fact, trace in pool.stream(todo, "trace", sigma):
+            if isinstance(trace, Lost):
+                errors[fact.id] = f"the fact {trace.message}"
+                print(f"[kedit] fact {fact.id}: {errors[fact.id]}", file=sys.stderr)
+            elif trace.error:
                 errors[trace.fact] = trace.error
                 print(f"[kedit] fact {trace.fact}: {trace.error}", file=sys.stderr)
             elif trace.skipped:
