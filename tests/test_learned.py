@@ -17,6 +17,7 @@ from kedit_ray.editors.learned import LearnedParams, base_pass, build_rows, edit
 from kedit_ray.editors.nets import build_net, load_net
 from kedit_ray.eval.summary import summarize
 from kedit_ray.models import get_module, weight_of
+from kedit_ray.options import UsageError
 from kedit_ray.requests import EditRequest
 from kedit_ray.train import TrainConfig, train_loop, training_requests, unrelated
 
@@ -193,7 +194,7 @@ def test_cli_wiring():
                                       "--out", "o"])
     assert editor_params(args) == {"editor_checkpoint": "ckpt"}
     assert make_editor("mend", editor_params(args)).hp.editor_checkpoint == "ckpt"
-    with pytest.raises(SystemExit, match="not apply to --method"):
+    with pytest.raises(UsageError, match="not apply to --method"):
         editor_params(build_parser().parse_args(["eval", "--method", "rome", "--editor-checkpoint", "c",
                                                  "--data", "x", "--out", "o"]))
     args = build_parser().parse_args(["train", "--method", "ke", "--data", "x", "--out", "o", "--layers", "9-10"])

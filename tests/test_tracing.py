@@ -12,6 +12,7 @@ import torch
 
 from conftest import data_file
 from kedit_ray.datasets import KnownFact
+from kedit_ray.results import ConfigMismatch
 from kedit_ray.tracing import command, results
 from kedit_ray.tracing.trace import (FactTrace, Restore, TraceParams, grid, noise_std, prepare, restored_prob_one,
                                      restored_probs, token_roles, trace_fact, trace_known, window)
@@ -174,7 +175,8 @@ def test_trace_command_writes_results_summary_and_heatmaps(tiny_lm, tmp_path, ca
     assert {p: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == parts
     assert json.loads((out / "summary.json").read_text())["te_mean"] == summary["te_mean"]
     # another configuration in the same OUT is refused
-    assert run_command(argv[:-1] + ["--seed", "2"]) == 2
+    with pytest.raises(ConfigMismatch, match=r"seed: 1 there, 2 now"):
+        run_command(argv[:-1] + ["--seed", "2"])
 
 
 @pytest.mark.slow

@@ -105,9 +105,10 @@ class GraceAdaptor(Edit):
         """The wrapped module's output given its input h [..., T, d_in] and own output out [..., T, d_out]."""
         if not len(self):
             return out
-        keys = self.keys.to(h.device)
-        q = h.reshape(-1, h.shape[-1]).float()
-        d, i = torch.cdist(q, keys.float()).min(1)                        # nearest key per position
+        wide = torch.promote_types(h.dtype, torch.float32)
+        keys = self.keys.to(h.device, wide)
+        q = h.reshape(-1, h.shape[-1]).to(wide)
+        d, i = torch.cdist(q, keys).min(1)                                # nearest key per position
         hit = d <= self.radii.to(d.device)[i]
         if not hit.any():
             return out                                                    # the same tensor: bit-identical
@@ -222,8 +223,9 @@ class Grace:
                                         retain_output=True, stop=True) as tr:
             lm.model(input_ids=ids, attention_mask=mask)
         cached = tr[block].input                                          # residual entering the layer
-        h = token_grid(tr[name].input, ids)[0, len(ctx) - 1].float()      # the query h^{l-1}
-        v0 = token_grid(tr[name].output, ids)[0, len(ctx) - 1].float()    # warm start: the output there now
+        wide = torch.promote_types(tr[name].input.dtype, torch.float32)   # a half-precision model's codebook in fp32
+        h = token_grid(tr[name].input, ids)[0, len(ctx) - 1].to(wide)     # the query h^{l-1}
+        v0 = token_grid(tr[name].output, ids)[0, len(ctx) - 1].to(wide)   # warm start: the output there now
 
         cur = active_adaptor(lm.model, name)
         keys = cur.keys.to(h.device) if cur is not None else h.new_zeros(0, h.shape[0])
@@ -234,7 +236,7 @@ class Grace:
         # Algorithm 1: add, expand or split
         dist = float("inf")
         if len(keys):
-            dists = torch.cdist(h[None].float(), keys.float())[0]
+            dists = torch.cdist(h[None], keys.to(h.dtype))[0]
             dist, j = dists.min(0)
             dist, j = dist.item(), j.item()
         if not len(keys) or dist > eps + radii[j].item():
