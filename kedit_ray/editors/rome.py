@@ -20,7 +20,10 @@ from kedit_ray.requests import EditRequest
 # Measured on counterfact-edit.json (the foundation issue's note). Gemma's post-feedforward norm rescales the
 # MLP output, so v* can only turn its direction: with the paper's bound (4) δ sits at the bound and leaks into
 # the neighbours' keys, (C⁻¹k*)ᵀk_n, which is also smaller at layer 2 than at the traced peak, layer 4.
-DEFAULT_LAYERS = {"gemma-3-270m": 2}
+# SmolLM2-135M (a Llama: the MLP output is added as is), traced on 120 known facts: the MLP's indirect effect at the
+# last subject token peaks at layer 4 (plateau 0-5). On 30 CounterFact cases with C, ES/PS/NS (pre NS 0.667) at
+# the paper's bound: layer 2 1.00/0.93/0.67 (18.5 s/edit), 4 1.00/0.93/0.67 (12.0 s), 6 1.00/0.90/0.67 (13.6 s).
+DEFAULT_LAYERS = {"gemma-3-270m": 2, "smollm2-135m": 4}
 DEFAULT_CLAMP = {"gemma-3-270m": 1.0}
 
 
