@@ -21,8 +21,9 @@ from torch import nn
 from kedit_ray.editors.learned import Grads, HyperNet, LearnedEditor, NetConfig, module_key
 from kedit_ray.models import LM
 
-# measured on zsre_mend_train-1k.json with gemma-3-270m (see the README's "Learned editors")
-DEFAULT_LAYERS = {"gemma-3-270m": [12, 13]}
+# measured on zsre_mend_train-1k.json (see the README's "Learned editors"): the pair of down_projs a plain gradient
+# step moves the answer most on for the least KL on O^x
+DEFAULT_LAYERS = {"gemma-3-270m": [12, 13], "smollm2-135m": [22, 23]}
 
 
 @dataclass
