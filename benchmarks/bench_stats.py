@@ -18,16 +18,50 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from kedit_ray.models import StopForward, TraceDict, load, weight_of
+from kedit_ray.models import LM, StopForward, TraceDict, load, weight_of
 from kedit_ray.stats import corpus
 from kedit_ray.stats.accumulate import Partial, add_batch, batches, gram, tokenize
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REFERENCE_TOKENS_PER_S = 274  # the reference suite's layer statistics on this machine
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that the clock reads what it did (nothing to wait for on the CPU)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def interleaved(runs: dict[str, Callable], items: list[tuple]) -> dict[str, list[float]]:
+    """Seconds of each run on each item, `runs[name](*item)`: the runs take turns item by item, the order
+    rotating, so load from other processes falls on all of them alike."""
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for b, item in enumerate(items):
+        for name in names[b % len(names):] + names[:b % len(names)]:
+            t = time.perf_counter()
+            runs[name](*item)
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def bare_pass(lm: LM, layer: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A forward pass stopped where the stats pass for layers up to `layer` stops (the input of its MLP output
+    projection), with no other hooks and no sums."""
+    def stop(_x, _name):
+        raise StopForward
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> None:
+        with torch.no_grad(), TraceDict(lm.model, [lm.arch.name("mlp_out", layer)], edit_input=stop):
+            lm.model(input_ids=ids.to(lm.input_device), attention_mask=mask.to(lm.input_device), use_cache=False)
+
+    return run
 
 
 def main() -> None:
@@ -44,13 +78,6 @@ def main() -> None:
     docs = [d for _, d in zip(range(args.docs), corpus.documents(args.corpus))]
     packed = list(batches(lm.tok, tokenize(lm.tok, docs, args.max_len), args.batch_tokens))
 
-    def bare(ids, mask):  # the same stop point as the stats pass, no other hooks, no sums
-        def stop(_x, _name):
-            raise StopForward
-
-        with torch.no_grad(), TraceDict(lm.model, [lm.arch.name("mlp_out", max(layers))], edit_input=stop):
-            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-
     d_in = weight_of(lm.model.get_submodule(lm.arch.name("mlp_out", max(layers)))).shape[1]
     keys = torch.randn(max(int(m.sum()) for _, m in packed), d_in)
 
@@ -58,21 +85,15 @@ def main() -> None:
         for _ in layers:
             gram(keys[:int(mask.sum())])
 
-    runs = {"bare": bare, "sums alone": sums,
+    runs = {"bare": bare_pass(lm, max(layers)), "sums alone": sums,
             "one pass": lambda ids, mask, p=Partial(): add_batch(lm, layers, "mlp_out", ids, mask, p)}
     for layer in layers:  # each keeps its own running sums, as a real run does
         runs[f"layer {layer}"] = lambda ids, mask, p=Partial(), layer=layer: add_batch(lm, [layer], "mlp_out", ids,
                                                                                         mask, p)
-    names = list(runs)
     for run in runs.values():  # warm up on the shortest batch
         run(*packed[-1])
-    times = {name: [] for name in names}
     load_before = os.getloadavg()[0]
-    for b, (ids, mask) in enumerate(packed):
-        for name in names[b % len(names):] + names[:b % len(names)]:
-            t = time.perf_counter()
-            runs[name](ids, mask)
-            times[name].append(time.perf_counter() - t)
+    times = interleaved(runs, packed)
     tokens = sum(int(m.sum()) for _, m in packed)
     total = {name: sum(ts) for name, ts in times.items()}
 

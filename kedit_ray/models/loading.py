@@ -253,12 +253,17 @@ def load(name: str = DEFAULT_MODEL, device_map: str | dict | None = None, dtype:
         shutil.rmtree(offload_folder, ignore_errors=True)   # nothing written: offloaded from the checkpoint itself
     elif own_folder:
         weakref.finalize(model, shutil.rmtree, offload_folder, True)
+    return wrap(model, AutoTokenizer.from_pretrained(path), name, templates, path)
+
+
+def wrap(model: nn.Module, tok, name: str, templates: dict[str, str] | None = None, source: str | None = None) -> LM:
+    """An already built model and its tokenizer as an LM, set up as `load` sets them up: eval mode, no grads on
+    weights, a pad token, right padding. `source`: the directory or hub id the weights came from, if any."""
     model.eval().requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    return LM(model, tok, detect_arch(model, templates), name, fingerprint(model, path), path)
+    return LM(model, tok, detect_arch(model, templates), name, fingerprint(model, source), source)
 
 
 def check_model(name: str) -> str:
