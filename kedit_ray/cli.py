@@ -31,7 +31,8 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=layers, default=None,
                    help="MEMIT/AlphaEdit: layers to edit, e.g. 3,4,5,6 or 3-6 (default: measured per model)")
     g.add_argument("--mom2-weight", type=float, default=None,
-                   help="MEMIT/AlphaEdit: λ, the weight of C (default: the paper's 15000; gemma-3-270m: 200)")
+                   help="MEMIT/AlphaEdit: λ, the weight of C (default: measured per model, gemma-3-270m 200, "
+                        "smollm2-135m 2000; else the paper's 15000)")
     g.add_argument("--z-module", choices=["layer", "mlp_out"], default=None,
                    help="MEMIT/AlphaEdit: z is the residual leaving the last layer (the paper) or, one layer only, "
                         "its MLP output before any norm (ROME's v*) (default: mlp_out for gemma-3-270m, else layer)")

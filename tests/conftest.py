@@ -91,6 +91,16 @@ def tiny_dir(tmp_path) -> str:
     return str(tmp_path / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_saved(tmp_path_factory) -> Path:
+    """The tiny model saved once per session, for tests that only read it (loads with device maps, dtypes)."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    lm = make_tiny_lm()
+    lm.model.save_pretrained(path)
+    lm.tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_lm64():
     """The same tiny model in float64."""

@@ -23,27 +23,18 @@ U_BF16 = 2.0 ** -8   # bfloat16's unit roundoff: 8 significant bits
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    lm = make_tiny_lm()
-    lm.model.save_pretrained(path)
-    lm.tok.save_pretrained(path)
-    return path
+def bf16(tiny_saved):
+    return load(str(tiny_saved), dtype="bfloat16")
 
 
-@pytest.fixture(scope="module")
-def bf16(saved):
-    return load(str(saved), dtype="bfloat16")
-
-
-def test_load_in_each_dtype_keeps_the_fingerprint(saved, bf16):
-    fp32 = load(str(saved))
-    fp16 = load(str(saved), dtype=torch.float16)
+def test_load_in_each_dtype_keeps_the_fingerprint(tiny_saved, bf16):
+    fp32 = load(str(tiny_saved))
+    fp16 = load(str(tiny_saved), dtype=torch.float16)
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in fp16.model.parameters()} == {torch.float16}
     assert bf16.fingerprint == fp16.fingerprint == fp32.fingerprint == make_tiny_lm().fingerprint
     with pytest.raises(ValueError, match="dtype must be one of"):
-        load(str(saved), dtype="float8")
+        load(str(tiny_saved), dtype="float8")
 
 
 def test_rome_in_bfloat16_computes_in_float32_and_casts_once(bf16, one_thread):
@@ -90,13 +81,13 @@ def test_memit_grace_ft_run_in_bfloat16(bf16, one_thread):
         assert torch.equal(p, w0[n]), n
 
 
-def test_stats_and_tracing_in_bfloat16(saved, bf16, one_thread):
+def test_stats_and_tracing_in_bfloat16(tiny_saved, bf16, one_thread):
     from kedit_ray.stats.accumulate import accumulate
     from kedit_ray.tracing.trace import TraceParams, trace_fact
 
     docs = ["The Space Needle is located in Seattle.", "Danielle Darrieux speaks French."]
     half = accumulate(bf16, [1], "mlp_out", docs, max_len=16, batch_tokens=32).sums[1]
-    full = accumulate(load(str(saved)), [1], "mlp_out", docs, max_len=16, batch_tokens=32).sums[1]
+    full = accumulate(load(str(tiny_saved)), [1], "mlp_out", docs, max_len=16, batch_tokens=32).sums[1]
     assert half.dtype == torch.float64
     # the keys themselves differ by the bfloat16 forward pass: a few roundings of 2^-8 through two blocks
     assert ((half - full).norm() / full.norm()).item() < 20 * U_BF16

@@ -1,5 +1,5 @@
 """Edited models you can ship: save_model writes a Hugging Face directory that plain transformers loads with the
-edit in it; apply_deltas merges saved deltas; GRACE is refused; `kedit edit --save-model` and `kedit apply`."""
+edit in it; apply_deltas merges tiny_saved deltas; GRACE is refused; `kedit edit --save-model` and `kedit apply`."""
 from __future__ import annotations
 
 import json
@@ -30,17 +30,8 @@ DISK_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    lm = make_tiny_lm()
-    lm.model.save_pretrained(path)
-    lm.tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def lm(saved):
-    return load(str(saved))
+def lm(tiny_saved):
+    return load(str(tiny_saved))
 
 
 def plain_load(path):
@@ -99,30 +90,30 @@ def test_saved_model_loads_in_plain_transformers_with_the_edit(lm, tmp_path, one
         save_model(lm, out)
 
 
-def test_offloaded_and_bfloat16_models_save_their_real_edited_weights(saved, lm, tmp_path, one_thread):
+def test_offloaded_and_bfloat16_models_save_their_real_edited_weights(tiny_saved, lm, tmp_path, one_thread):
     delta = Rome(HP).edit(lm, A)
     w0 = weight(lm.model, EDITED).clone()
-    off = load(str(saved), device_map=DISK_MAP, offload_folder=str(tmp_path / "offload"))
+    off = load(str(tiny_saved), device_map=DISK_MAP, offload_folder=str(tmp_path / "offload"))
     out = save_edited(off, delta, tmp_path / "offloaded")
     assert torch.equal(saved_tensor(out, f"{EDITED}.weight"), w0 + delta.deltas[EDITED])
     with delta.applied(lm.model):
         assert rel(logits(*plain_load(out)), logits(lm.model, lm.tok)) <= 1e-6
 
-    half = load(str(saved), dtype="bfloat16")
+    half = load(str(tiny_saved), dtype="bfloat16")
     out = save_edited(half, delta, tmp_path / "bf16")
     w = saved_tensor(out, f"{EDITED}.weight")
     w_half = w0.to(torch.bfloat16).float()          # W as loaded in bfloat16, then W + ΔW rounded once
     assert w.dtype == torch.bfloat16 and torch.equal(w, (w_half + delta.deltas[EDITED]).to(torch.bfloat16))
 
 
-def test_apply_deltas_merges_saved_deltas_like_applying_them_in_memory(saved, lm, tmp_path, one_thread):
+def test_apply_deltas_merges_saved_deltas_like_applying_them_in_memory(tiny_saved, lm, tmp_path, one_thread):
     d1 = Rome(HP).edit(lm, A)
     with d1.applied(lm.model):
         d2 = Rome(HP).edit(lm, B)                    # made on the model with the first edit, as in sequence
         with d2.applied(lm.model):
             want = {n: p.clone() for n, p in lm.model.state_dict().items()}
     paths = [d1.save(tmp_path / "d1.safetensors"), d2.save(tmp_path / "d2.safetensors")]
-    out = apply_deltas(str(saved), paths, tmp_path / "merged")
+    out = apply_deltas(str(tiny_saved), paths, tmp_path / "merged")
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         for name, w in want.items():
             if name in f.keys():
@@ -131,11 +122,11 @@ def test_apply_deltas_merges_saved_deltas_like_applying_them_in_memory(saved, lm
     other = make_tiny_lm(seed=1)                     # another model: its delta is refused, naming both
     foreign = Rome(HP).edit(other, A).save(tmp_path / "foreign.safetensors")
     with pytest.raises(ValueError, match="foreign.safetensors.*tiny-llama-1"):
-        apply_deltas(str(saved), [paths[0], foreign], tmp_path / "refused")
+        apply_deltas(str(tiny_saved), [paths[0], foreign], tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
 
 
-def test_grace_is_refused_with_its_reason(saved, lm, tmp_path, one_thread):
+def test_grace_is_refused_with_its_reason(tiny_saved, lm, tmp_path, one_thread):
     adaptor = Grace(GraceParams(layer=1, eps_init=1.0, steps=3)).edit(lm, A)
     with adaptor.applied(lm.model), pytest.raises(ValueError, match="GRACE.*cannot be merged"):
         save_model(lm, tmp_path / "g")
@@ -143,7 +134,7 @@ def test_grace_is_refused_with_its_reason(saved, lm, tmp_path, one_thread):
         save_edited(lm, adaptor, tmp_path / "g")
     path = adaptor.save(tmp_path / "codebook.safetensors")
     with pytest.raises(ValueError, match="codebook.safetensors is a GRACE codebook"):
-        apply_deltas(str(saved), [path], tmp_path / "g")
+        apply_deltas(str(tiny_saved), [path], tmp_path / "g")
     with pytest.raises(ValueError, match="GRACE"):
         edit_all(Grace(GraceParams(layer=1, eps_init=1.0)), lm, [A])
     assert not (tmp_path / "g").exists()
@@ -161,17 +152,17 @@ def test_memit_over_requests_gives_one_model_with_all_of_them(lm, tmp_path, one_
     assert (after < before - 0.5).all(), (before, after)
 
 
-def test_cli_edit_save_model_requests_and_apply(saved, tmp_path, capsys, one_thread):
-    common = ["--model", str(saved), "--no-cov", "--v-steps", "8"]
+def test_cli_edit_save_model_requests_and_apply(tiny_saved, tmp_path, capsys, one_thread):
+    common = ["--model", str(tiny_saved), "--no-cov", "--v-steps", "8"]
     assert main(["edit", *common, "--layer", "1", "--prompt", A.prompt, "--subject", A.subject,
                  "--target-new", A.target_new, "--save", str(tmp_path / "d.safetensors"),
                  "--save-model", str(tmp_path / "edited")]) == 0
-    assert main(["apply", "--model", str(saved), "--delta", str(tmp_path / "d.safetensors"),
+    assert main(["apply", "--model", str(tiny_saved), "--delta", str(tmp_path / "d.safetensors"),
                  "--out", str(tmp_path / "applied")]) == 0
     name = f"{EDITED}.weight"
     assert torch.equal(saved_tensor(tmp_path / "edited", name), saved_tensor(tmp_path / "applied", name))
-    assert not torch.equal(saved_tensor(tmp_path / "edited", name), saved_tensor(saved, name))
-    base = plain_load(saved)
+    assert not torch.equal(saved_tensor(tmp_path / "edited", name), saved_tensor(tiny_saved, name))
+    base = plain_load(tiny_saved)
     assert gain(plain_load(tmp_path / "edited"), base, A) > 1.0
 
     requests = tmp_path / "requests.jsonl"
@@ -183,8 +174,8 @@ def test_cli_edit_save_model_requests_and_apply(saved, tmp_path, capsys, one_thr
     assert gain(edited, base, A) > 1.0 and gain(edited, base, B) > 1.0
 
     foreign = Rome(HP).edit(make_tiny_lm(seed=1), A).save(tmp_path / "foreign.safetensors")
-    assert main(["apply", "--model", str(saved), "--delta", str(foreign), "--out", str(tmp_path / "no")]) == 2
+    assert main(["apply", "--model", str(tiny_saved), "--delta", str(foreign), "--out", str(tmp_path / "no")]) == 2
     assert "foreign.safetensors" in capsys.readouterr().err
-    assert main(["edit", "--model", str(saved), "--method", "grace", "--eps-init", "1", "--prompt", A.prompt,
+    assert main(["edit", "--model", str(tiny_saved), "--method", "grace", "--eps-init", "1", "--prompt", A.prompt,
                  "--subject", A.subject, "--target-new", A.target_new, "--save-model", str(tmp_path / "g")]) == 2
     assert "--save-model" in capsys.readouterr().err and not (tmp_path / "g").exists()

@@ -1,7 +1,7 @@
 """Models split or offloaded by accelerate: edit, apply, revert, save, stats and tracing read and write the real
 weights (kedit_ray.models.weights), whether a module sits on a device or in accelerate's offload store.
 
-The tiny Llama is saved to disk and reloaded through kedit_ray.models.load with device maps that put modules on
+The tiny Llama is tiny_saved to disk and reloaded through kedit_ray.models.load with device maps that put modules on
 "disk" (their parameters on "meta", the values in the checkpoint or offload folder) and on "cpu"; on this
 CPU-only machine "cpu" is plain placement, and `accelerate.cpu_offload` gives the in-memory store GPUs use for
 "cpu". Each result must equal the plain model's: the two run the same float operations in the same order, so
@@ -19,7 +19,6 @@ from kedit_ray.models import load
 from kedit_ray.models.weights import WeightAccessError, is_offloaded, param, weight
 from kedit_ray.requests import EditRequest
 
-from conftest import make_tiny_lm
 
 REQ = EditRequest(0, "Space Needle", "The {} is located in the city of", "Goa", "Seattle",
                   paraphrase_prompts=["The Space Needle can be found in the city of"])
@@ -31,22 +30,13 @@ DISK_MAP = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    lm = make_tiny_lm()
-    lm.model.save_pretrained(path)
-    lm.tok.save_pretrained(path)
-    return path
+def plain(tiny_saved):
+    return load(str(tiny_saved))
 
 
 @pytest.fixture(scope="module")
-def plain(saved):
-    return load(str(saved))
-
-
-@pytest.fixture(scope="module")
-def offloaded(saved, tmp_path_factory):
-    return load(str(saved), device_map=DISK_MAP, offload_folder=str(tmp_path_factory.mktemp("offload")))
+def offloaded(tiny_saved, tmp_path_factory):
+    return load(str(tiny_saved), device_map=DISK_MAP, offload_folder=str(tmp_path_factory.mktemp("offload")))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -139,12 +129,12 @@ def test_tracing_on_an_offloaded_model_equals_the_plain_one(plain, offloaded, on
         assert abs(a.scores[kind] - b.scores[kind]).max() <= 1e-5
 
 
-def test_in_memory_offload_store(saved, plain, one_thread):
+def test_in_memory_offload_store(tiny_saved, plain, one_thread):
     """accelerate's CPU offload (what a GPU device map's "cpu" entries get): every parameter on meta, the values
     in a dict in CPU memory."""
     from accelerate import cpu_offload
 
-    lm = load(str(saved))
+    lm = load(str(tiny_saved))
     cpu_offload(lm.model, execution_device="cpu")
     assert is_offloaded(lm.model, f"{EDITED}.weight")
     hp = RomeParams(layer=LAYER, n_prefixes=1, use_cov=False)
@@ -157,10 +147,10 @@ def test_in_memory_offload_store(saved, plain, one_thread):
     assert torch.equal(logits(lm), before)
 
 
-def test_a_weight_with_no_store_is_refused_naming_it(saved):
+def test_a_weight_with_no_store_is_refused_naming_it(tiny_saved):
     from accelerate.utils import set_module_tensor_to_device
 
-    lm = load(str(saved))
+    lm = load(str(tiny_saved))
     set_module_tensor_to_device(lm.model, f"{EDITED}.weight", "meta")   # no hook holds its values
     d = Delta({EDITED: torch.zeros(weight(lm.model, "model.layers.0.mlp.down_proj").shape)})
     with pytest.raises(WeightAccessError, match=EDITED):
@@ -169,21 +159,21 @@ def test_a_weight_with_no_store_is_refused_naming_it(saved):
         param(lm.model, f"{EDITED}.weight")
 
 
-def test_device_map_from_a_json_file_and_max_memory(saved, plain, tmp_path, one_thread):
+def test_device_map_from_a_json_file_and_max_memory(tiny_saved, plain, tmp_path, one_thread):
     path = tmp_path / "map.json"
     path.write_text(json.dumps(DISK_MAP))
-    lm = load(str(saved), device_map=str(path))
+    lm = load(str(tiny_saved), device_map=str(path))
     assert lm.model.hf_device_map == DISK_MAP and lm.fingerprint == plain.fingerprint
     assert rel(logits(lm), logits(plain)) <= 1e-5
 
     (tmp_path / "bad.json").write_text("{'model': 'cpu'")
     with pytest.raises(ValueError, match="bad.json"):
-        load(str(saved), device_map=str(tmp_path / "bad.json"))
+        load(str(tiny_saved), device_map=str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="lm_head"):
-        load(str(saved), device_map={**DISK_MAP, "lm_head": ["cpu"]})
+        load(str(tiny_saved), device_map={**DISK_MAP, "lm_head": ["cpu"]})
 
     # a CPU budget smaller than the model: accelerate puts the rest on disk
-    small = load(str(saved), max_memory=json.dumps({"cpu": "20KB"}))
+    small = load(str(tiny_saved), max_memory=json.dumps({"cpu": "20KB"}))
     assert "disk" in small.model.hf_device_map.values()
     assert small.fingerprint == plain.fingerprint
     assert rel(logits(small), logits(plain)) <= 1e-5
