@@ -38,7 +38,8 @@ CONTRACT = pa.schema(
     + [("edit_seconds", pa.float64()), ("error", pa.string())])
 # Optional columns whose type is fixed whatever the first values are.
 KNOWN = {"fluency": pa.float64(), "pre_fluency": pa.float64(), "consistency": pa.float64(),
-         "checkpoint": pa.int64(), "layer": pa.int64()}
+         "checkpoint": pa.int64(), "layer": pa.int64(), "portability_score": pa.float64(),
+         "pre_portability_score": pa.float64()}
 REPLACES = b"kedit.replaces"   # metadata of a compacted part: the names of the parts it holds
 COMPACT_ROWS = 50_000          # rows per part after compaction
 
