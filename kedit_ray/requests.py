@@ -28,6 +28,8 @@ class EditRequest:
     paraphrase_prompts: list[str] = field(default_factory=list)
     neighborhood_prompts: list[str] = field(default_factory=list)
     neighborhood_answers: list[str] = field(default_factory=list)
+    portability_prompts: list[str] = field(default_factory=list)   # one-hop questions whose answer follows from o*
+    portability_answers: list[str] = field(default_factory=list)   # their answers (zsRE's portability block)
 
     @property
     def text(self) -> str:
@@ -56,16 +58,18 @@ class EditRequest:
             bad("target_true", f"expected a string, got {type(self.target_true).__name__} {self.target_true!r}")
         if self.target_true.strip() == self.target_new.strip():
             bad("target_new", f"the new target equals the true one ({self.target_new!r})")
-        for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers"):
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers", "portability_prompts",
+                     "portability_answers"):
             value = getattr(self, name)
             if not isinstance(value, list):
                 bad(name, f"expected a list of strings, got {type(value).__name__} {value!r}")
             for i, x in enumerate(value):
                 if not isinstance(x, str) or not x.strip():
                     bad(name, f"item {i}: expected a non-empty string, got {x!r}")
-        if len(self.neighborhood_answers) != len(self.neighborhood_prompts):
-            bad("neighborhood_answers", f"{len(self.neighborhood_answers)} answers for "
-                                        f"{len(self.neighborhood_prompts)} neighbourhood prompts")
+        for kind, what in (("neighborhood", "neighbourhood"), ("portability", "portability")):
+            prompts, answers = getattr(self, f"{kind}_prompts"), getattr(self, f"{kind}_answers")
+            if len(answers) != len(prompts):
+                bad(f"{kind}_answers", f"{len(answers)} answers for {len(prompts)} {what} prompts")
         return self
 
     @classmethod

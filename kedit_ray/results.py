@@ -35,7 +35,8 @@ from kedit_ray.io import atomic_write, write_json
 CONTRACT = pa.schema(
     [("case_id", pa.int64()), ("method", pa.string()), ("model", pa.string()), ("worker", pa.string())]
     + [(m, pa.float64()) for m in CORE] + [(f"pre_{m}", pa.float64()) for m in CORE]
-    + [("edit_seconds", pa.float64()), ("error", pa.string())])
+    + [("edit_seconds", pa.float64()), ("error", pa.string())]
+    + [("portability_score", pa.float64()), ("pre_portability_score", pa.float64())])   # null where not measured
 # Optional columns whose type is fixed whatever the first values are.
 KNOWN = {"fluency": pa.float64(), "pre_fluency": pa.float64(), "consistency": pa.float64(),
          "checkpoint": pa.int64(), "layer": pa.int64()}

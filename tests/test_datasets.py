@@ -177,6 +177,54 @@ def test_zsre_errors_name_the_files_fields(tmp_path):
     assert "missing required key" in str(problems[2])
 
 
+ZSRE_GOOD = {"subject": "Shakira", "src": "What was Shakira's gender?", "alt": "male", "pred": "female",
+             "rephrase": "Was Shakira male or female?", "loc": "nq question: who?", "loc_ans": "Walter",
+             "portability": {"Recalled Relation": "(Shakira, known for, Hips Don't Lie)",
+                             "New Question": "What is a famous song by the male artist Shakira?",
+                             "New Answer": "Hips Don't Lie"}}
+
+
+def test_zsre_portability_block(tmp_path):
+    plain = {k: v for k, v in ZSRE_GOOD.items() if k != "portability"}
+    path = write_jsonl(tmp_path / "p.jsonl", [ZSRE_GOOD, plain, {**plain, "portability": None}])
+    with_block, without, null = load_requests(path, dataset="zsre")[0]
+    assert with_block.portability_prompts == ["What is a famous song by the male artist Shakira?"]
+    assert with_block.portability_answers == ["Hips Don't Lie"]
+    assert without.portability_prompts == without.portability_answers == null.portability_prompts == []
+    real, problems = load_requests(data_file("zsre_portability.json"), dataset="zsre")
+    assert len(real) == 517 and problems == [] and all(len(r.portability_answers) == 1 for r in real)
+
+
+@pytest.mark.parametrize("block, field, reason", [
+    (["What?", "Hips"], "portability", "expected an object with 'New Question' and 'New Answer', got list"),
+    ("Hips Don't Lie", "portability", "got str"),
+    ({"New Answer": "Hips Don't Lie"}, "portability.New Question", "missing required key"),
+    ({"New Question": "What song?", "New Answer": None}, "portability.New Answer", "null"),
+    ({"New Question": "What song?", "New Answer": 42}, "portability.New Answer", "expected a non-empty string, got 42"),
+    ({"New Question": "What song?", "New Answer": " "}, "portability.New Answer", "expected a non-empty string"),
+    ({"New Question": "", "New Answer": "Hips"}, "portability.New Question", "expected a non-empty string, got ''"),
+])
+def test_zsre_malformed_portability_names_the_field(tmp_path, block, field, reason):
+    path = write_jsonl(tmp_path / "p.jsonl", [ZSRE_GOOD, {**ZSRE_GOOD, "portability": block}, ZSRE_GOOD])
+    assert reason in str(raises(path, 1, field, dataset="zsre"))
+    requests, problems = load_requests(path, dataset="zsre", skip_invalid=True)
+    assert [r.case_id for r in requests] == [0, 2] and [(p.index, p.field) for p in problems] == [(1, field)]
+
+
+def test_user_portability_round_trip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    requests = [EditRequest(**GOOD, portability_prompts=["Danielle Darrieux's language is spoken in"],
+                            portability_answers=["England"]), EditRequest(8, "Eiffel Tower", "{} is in", "Rome")]
+    path = write_jsonl(tmp_path / "r.jsonl", [r.to_dict() for r in requests])
+    assert load_requests(path) == (requests, [])
+    pq.write_table(pa.Table.from_pylist([r.to_dict() for r in requests]), tmp_path / "r.parquet")
+    assert load_requests(tmp_path / "r.parquet") == (requests, [])
+    bad = write_jsonl(tmp_path / "b.jsonl", [{**requests[0].to_dict(), "portability_answers": []}])
+    assert "0 answers for 1 portability prompts" in str(raises(bad, 0, "portability_answers"))
+
+
 def test_flat_counterfact_missing_key(tmp_path):
     good = {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
             "target_new": "English", "ground_truth": "French"}

@@ -19,7 +19,7 @@ from kedit_ray.requests import EditRequest, InvalidRecord
 KEYS = ["case_id", "prompt", "subject", "target_new", "target_true", "ground_truth", "requested_rewrite", "str",
         "paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers", "rephrase_prompt", "locality_prompt",
         "locality_ground_truth", "src", "alt", "pred", "answers", "rephrase", "loc", "loc_ans", "known_id",
-        "attribute"]
+        "attribute", "portability", "New Question", "New Answer", "portability_prompts", "portability_answers"]
 TEXT = st.one_of(st.sampled_from(["The {} is in", "{}", "Paris", "Space Needle", "", " ", "{} {}", "x"]),
                  st.text(max_size=12))
 SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**64), st.floats(allow_nan=True), TEXT)
@@ -34,8 +34,17 @@ def good_record(i: int) -> dict:
             "paraphrase_prompts": ["Where is the Space Needle?"], "neighborhood_prompts": ["Paris is in"]}
 
 
+def good_zsre() -> dict:
+    return {"subject": "Space Needle", "src": "Where is the Space Needle?", "alt": "Goa",
+            "portability": {"New Question": "What is the capital of Goa's country?", "New Answer": "New Delhi"}}
+
+
 RECORD = st.one_of(
     st.builds(good_record, st.integers(0, 5)),
+    st.builds(good_zsre),
+    st.builds(lambda v: {**good_zsre(), "portability": v}, VALUE),
+    st.builds(lambda k, v: {**good_zsre(), "portability": {**good_zsre()["portability"], k: v}},
+              st.sampled_from(["New Question", "New Answer", "x"]), VALUE),
     st.dictionaries(st.sampled_from(KEYS), VALUE, max_size=9),
     st.builds(lambda i, k, v: {**good_record(i), k: v}, st.integers(0, 3), st.sampled_from(KEYS), VALUE),
     st.builds(lambda i, k, v: {**good_record(i), "requested_rewrite": {**good_record(i)["requested_rewrite"], k: v}},

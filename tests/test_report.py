@@ -35,6 +35,7 @@ def test_report_draws_runs_and_names_their_errors(tmp_path):
     assert f"errors in {good}: 2 of 32 rows; 1× ValueError: case 0 has no target" in text
     assert f"errors in {bad}: 3 of 3 rows (every case failed, not drawn)" in text
     assert f"chart: {png}" in text
+    assert "Port" not in text                                 # no run measured portability: no such column
     run = load_run(good)
     assert len(run.final_rows()) == 30 and run.summary["errors"] == 2 and run.scores().shape == (30, 3)
     assert np.allclose(run.scores().mean(0), [run.summary[k] for k in ("efficacy_score", "paraphrase_score",
@@ -60,3 +61,17 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
     with_nan[:, 2] = np.nan                                                  # NS not measured: no S either
     assert np.isnan(bootstrap(with_nan)[2:]).all() and not np.isnan(bootstrap(with_nan)[:2]).any()
     assert np.isnan(bootstrap(np.empty((0, 3)))).all()
+
+
+def test_table_shows_portability_when_a_run_has_it():
+    from kedit_ray.eval.report import checkpoint_table, table
+
+    zsre = {"method": "rome", "cases": 2, "errors": 0, "portability_score": 0.5, "pre_portability_score": 0.25}
+    cf = {"method": "memit", "cases": 2, "errors": 0, "checkpoints": {"2": {"efficacy_score": 1.0}}}
+    head, *lines = table({"a": zsre, "b": cf}).splitlines()
+    assert head.split()[-4:-2] == ["Port", "pre→post"]
+    assert lines[0].split()[-3] == "0.250→0.500" and lines[1].split()[-3] == "-→-"
+    assert "Port" not in table({"b": cf}) and "Port" not in checkpoint_table({"b": cf})
+    with_port = {**cf, "checkpoints": {"2": {"efficacy_score": 1.0, "portability_score": 0.75}}}
+    head, line = checkpoint_table({"b": with_port}).splitlines()
+    assert head.split()[-1] == "Port" and line.split()[-1] == "0.750"

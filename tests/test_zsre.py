@@ -74,3 +74,131 @@ def test_every_new_editor_runs_under_both_scorers(tiny_lm, method, params):
     assert rows[0]["pre_neighborhood_score"] == 1.0 and "neighborhood_argmax" not in rows[0]
     for k, v in tiny_lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_portability_score_by_hand(tiny_lm64):
+    """The portability answer's teacher-forced token accuracy after its question, from the model's own logits:
+    the first and third tokens are the argmax, the second is not (2 of 3). Without a portability question: None."""
+    lm, tok = tiny_lm64, tiny_lm64.tok
+    words = {tok.convert_tokens_to_ids(w): w for w in WORDS}
+    for question in ("What is the capital of", "Where is the", "What is the", "the city of", "The mother tongue of"):
+        ctx = tok(question).input_ids
+        g1 = argmax_after(lm, ctx)
+        wrong = next(t for t in words if t != argmax_after(lm, ctx + [g1]))
+        g3 = argmax_after(lm, ctx + [g1, wrong])
+        if g1 in words and g3 in words:
+            break
+    answer = [g1, wrong, g3]
+    with torch.no_grad():   # by hand: one unpadded pass over question + answer[:-1]
+        logits = lm.model(input_ids=torch.tensor([ctx + answer[:-1]])).logits[0]
+    by_hand = sum(int(logits[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(answer)) / len(answer)
+    assert by_hand == pytest.approx(2 / 3)
+    req = EditRequest(0, "Space Needle", "the city of {}", "Goa", "Seattle", ["Where is the Space Needle"],
+                      ["the city of Eiffel Tower"], ["Paris"], [question], [" ".join(words[t] for t in answer)])
+    scores = zsre_scores(lm, req)
+    assert scores["portability_score"] == by_hand
+    bare = EditRequest(0, "Space Needle", "the city of {}", "Goa", "Seattle", ["Where is the Space Needle"],
+                       ["the city of Eiffel Tower"], ["Paris"])
+    plain = zsre_scores(lm, bare)
+    assert plain["portability_score"] is None
+    assert {k: v for k, v in scores.items() if k != "portability_score"} == \
+        {k: v for k, v in plain.items() if k != "portability_score"}          # the other figures are untouched
+
+
+def test_portability_columns_in_batch_and_sequential_protocols(tiny_lm):
+    """pre_ and post portability in the rows of both protocols; null for a case without a portability question;
+    the summary's means skip the nulls."""
+    from kedit_ray.editors import make_editor
+    from kedit_ray.eval.protocols import run_batch, run_sequential
+    from kedit_ray.eval.summary import summarize
+
+    a = EditRequest(0, "Space Needle", "the city of {}", "Goa", "Seattle", ["Where is the Space Needle"],
+                    ["the city of Eiffel Tower"], ["Paris"], ["What is the capital of Goa"], ["Paris France"])
+    b = EditRequest(1, "Eiffel Tower", "the city of {}", "Rome", "Paris", [], ["the city of Space Needle"], ["Seattle"])
+    held = EditRequest(2, "Danielle Darrieux", "The mother tongue of {} is", "English", "French",
+                       portability_prompts=["Where is the"], portability_answers=["London"])
+    editor = make_editor("ft", {"layer": 1, "steps": 3})
+    rows = run_batch(tiny_lm, editor, [a, b], 1, "ft", dataset="zsre", progress=False)
+    seq, summary = run_sequential(tiny_lm, editor, [a, b], 1, None, [held], "ft", dataset="zsre", progress=False)
+    for r in [*rows, *seq]:
+        port = r["case_id"] != 1
+        for key in ("portability_score", "pre_portability_score"):
+            assert (isinstance(r[key], float) and 0 <= r[key] <= 1) if port else r[key] is None, (r, key)
+    edits = [r for r in seq if r["role"] == "edit"]
+    assert summary["portability_score"] == edits[0]["portability_score"]          # b's null is skipped
+    assert summary["pre_portability_score"] == edits[0]["pre_portability_score"]
+    assert summarize(rows, "zsre")["portability_score"] == rows[0]["portability_score"]
+
+
+def test_summary_means_portability_over_the_cases_that_have_it():
+    from kedit_ray.eval.summary import summarize
+
+    rows = [{"case_id": i, "method": "rome", "model": "m", "error": e, "efficacy_score": 1.0,
+             "portability_score": p, "pre_portability_score": q}
+            for i, (p, q, e) in enumerate([(1.0, 0.0, None), (None, None, None), (0.5, 0.25, None),
+                                           (0.0, 0.0, "ValueError: boom")])]
+    s = summarize(rows, "zsre")
+    assert s["portability_score"] == 0.75 and s["pre_portability_score"] == 0.125
+    assert summarize([{k: v for k, v in r.items() if "portability" not in k}
+                      for r in rows]).get("portability_score") is None     # CounterFact rows: not measured
+
+
+def test_kedit_eval_zsre_portability_end_to_end(tmp_path, tiny_dir, capsys):
+    """`kedit eval --dataset zsre` on a file whose second record has no portability block (single protocol, then
+    batch MEMIT with its pre_scores.json): both portability columns, float64, null for that case; the report's Port."""
+    import json
+
+    import pyarrow as pa
+
+    from kedit_ray.cli import main
+    from kedit_ray.eval.report import report
+    from kedit_ray.results import read_results
+
+    record = {"subject": "Space Needle", "src": "Where is the Space Needle", "alt": "Rome", "pred": "Seattle",
+              "rephrase": "the city of Space Needle", "loc": "the city of Eiffel Tower", "loc_ans": "Paris",
+              "portability": {"New Question": "What is the capital of the country of the Space Needle",
+                              "New Answer": "Rome Italy"}}
+    data = tmp_path / "port.json"
+    data.write_text(json.dumps([record, {k: v for k, v in record.items() if k != "portability"}]))
+    runs = []
+    for protocol, method, layer in (("single", "rome", ["--layer", "1"]), ("batch", "memit", ["--layers", "1,2"])):
+        out = tmp_path / protocol
+        assert main(["eval", "--model", tiny_dir, "--method", method, "--dataset", "zsre", "--data", str(data),
+                     "--out", str(out), "--workers", "1", "--cpus-per-worker", "1", "--no-cov", *layer,
+                     "--v-steps", "2", "--protocol", protocol, "--batch-size", "2"]) == 0
+        table = read_results(out)
+        rows = {r["case_id"]: r for r in table.to_pylist()}
+        for key in ("portability_score", "pre_portability_score"):
+            assert table.schema.field(key).type == pa.float64()
+            assert 0 <= rows[0][key] <= 1 and rows[1][key] is None
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["portability_score"] == rows[0]["portability_score"]
+        assert summary["pre_portability_score"] == rows[0]["pre_portability_score"]
+        runs.append(str(out))
+    pre = json.loads((tmp_path / "batch" / "pre_scores.json").read_text())["scores"]
+    assert pre["0"]["portability_score"] == rows[0]["pre_portability_score"] and pre["1"]["portability_score"] is None
+    head = report(runs).splitlines()[0]
+    assert "Port pre→post" in head
+
+
+@pytest.mark.slow
+def test_rome_portability_on_20_records_on_gemma(gemma):
+    """ROME (its defaults, C computed on first use) on the first 20 records of zsre_portability.json: every row has
+    both portability figures, within [0, 1]."""
+    from conftest import data_file
+    from kedit_ray.datasets import load_requests
+    from kedit_ray.editors import make_editor
+    from kedit_ray.eval.protocols import run_batch
+    from kedit_ray.eval.summary import summarize
+
+    cases, _ = load_requests(data_file("zsre_portability.json"), dataset="zsre", limit=20)
+    rows = run_batch(gemma, make_editor("rome", {}), cases, 1, "rome", dataset="zsre", progress=False)
+    assert len(rows) == 20 and all(r["error"] is None for r in rows)
+    for r in rows:
+        for key in ("portability_score", "pre_portability_score"):
+            assert r[key] is not None and 0 <= r[key] <= 1, (r["case_id"], key, r[key])
+    s = summarize(rows, "zsre")
+    print(f"ROME, 20 zsRE portability records: portability {s['pre_portability_score']:.3f} → "
+          f"{s['portability_score']:.3f}, ES {s['pre_efficacy_score']:.3f} → {s['efficacy_score']:.3f}, "
+          f"{s['seconds_per_edit']:.1f} s/edit")
+    assert s["efficacy_score"] >= 0.8

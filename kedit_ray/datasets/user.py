@@ -13,7 +13,8 @@ def from_user(record: dict, source: str, index: int) -> EditRequest:
     target_new = need(record, "target_new", source, index)
     case_id = optional(record, "case_id", index)
     kw = {key: optional(record, key, []) for key in ("paraphrase_prompts", "neighborhood_prompts",
-                                                     "neighborhood_answers")}
+                                                     "neighborhood_answers", "portability_prompts",
+                                                     "portability_answers")}
     kw["target_true"] = optional(record, "target_true", "")
     if isinstance(prompt, str) and "{}" not in prompt:
         return EditRequest.from_text(case_id, prompt, subject, target_new, source, index, **kw).validate(source, index)

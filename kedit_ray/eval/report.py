@@ -1,6 +1,6 @@
 """`kedit report`: the aggregate table of eval runs and a figure of their scores; for runs with checkpoints (batch,
-sequential protocols) also ES / PS / NS (and TRR) against the number of edits, one line per run (labelled by its
-method), in lifelong.png beside the figure.
+sequential protocols) also ES / PS / NS (and TRR, and portability where measured) against the number of edits, one
+line per run (labelled by its method), in lifelong.png beside the figure.
 
 Each run's results are read once (`Run`); the table, the figure and the bootstrap intervals come from those rows.
 The figure: ES, PS, NS and S as groups of bars, one bar per run after the edit and its unedited value hatched (once,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 from kedit_ray.eval.summary import SCORES, summarize
 
 COLUMNS = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("S", "score")]
+OPTIONAL = [("Port", "portability_score")]   # shown when some run has it (zsRE with portability questions)
 DATASETS = {"counterfact": "CounterFact", "zsre": "zsRE"}
 
 
@@ -110,13 +112,20 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def columns(summaries: Iterable[dict]) -> list[tuple[str, str]]:
+    """COLUMNS, then the OPTIONAL ones some summary (or one of its checkpoints) has a value for."""
+    found = [c for s in summaries for c in [s, *s.get("checkpoints", {}).values()]]
+    return COLUMNS + [(c, k) for c, k in OPTIONAL if any(f.get(k) is not None for f in found)]
+
+
 def table(summaries: dict[str, dict]) -> str:
-    head = ["run", "method", "cases", "errors"] + [f"{c} pre→post" for c, _ in COLUMNS] + ["s/edit", "C"]
+    shown = columns(summaries.values())
+    head = ["run", "method", "cases", "errors"] + [f"{c} pre→post" for c, _ in shown] + ["s/edit", "C"]
     lines = [head]
     for run, s in summaries.items():
         cov = s.get("cov")    # a stats file, several, or "identity" (--no-cov)
         lines.append([run, str(s.get("method")), str(s["cases"]), str(s["errors"])] +
-                     [f"{_fmt(s.get('pre_' + k))}→{_fmt(s.get(k))}" for _, k in COLUMNS] +
+                     [f"{_fmt(s.get('pre_' + k))}→{_fmt(s.get(k))}" for _, k in shown] +
                      [_fmt(s.get("seconds_per_edit")), "-" if cov is None else "C = identity" if cov == "identity"
                       else "layer stats"])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
@@ -243,14 +252,15 @@ def error_lines(runs: list[Run]) -> str:
 def checkpoint_table(summaries: dict[str, dict]) -> str:
     """Per run and checkpoint, in the layout of the GRACE paper's table: TRR, ERR, their average, #keys (GRACE's
     codebook; "-" for the others), then ES / PS / NS / S of the edits so far."""
-    head = ["run", "method", "edits", "TRR", "ERR", "Avg", "#keys"] + [c for c, _ in COLUMNS]
+    shown = columns(summaries.values())
+    head = ["run", "method", "edits", "TRR", "ERR", "Avg", "#keys"] + [c for c, _ in shown]
     lines = [head]
     for run, s in summaries.items():
         for t, c in sorted(s.get("checkpoints", {}).items(), key=lambda kv: int(kv[0])):
             both = None if c.get("TRR") is None or c.get("ERR") is None else (c["TRR"] + c["ERR"]) / 2
             keys = c.get("ckpt_codebook_keys")
             lines.append([run, str(s.get("method")), t, _fmt(c.get("TRR")), _fmt(c.get("ERR")), _fmt(both),
-                          "-" if keys is None else f"{keys:.0f}"] + [_fmt(c.get(key)) for _, key in COLUMNS])
+                          "-" if keys is None else f"{keys:.0f}"] + [_fmt(c.get(key)) for _, key in shown])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
 
@@ -263,7 +273,7 @@ def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("TRR", "TRR")]
+    panels = COLUMNS[:3] + [("TRR", "TRR")] + columns(summaries.values())[len(COLUMNS):]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]   # one per run, the same in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     for ax, (name, key) in zip(axes, panels):

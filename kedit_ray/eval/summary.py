@@ -5,7 +5,8 @@ rows with an `error`. `cov` says which C the edits used: a stats file, or "ident
 neighbourhood scores (ROME's S); `pre_score` is the same for the unedited model.
 
 success_rate, equivalence_accuracy and retain_accuracy (the KE paper's figures) are the shares of cases whose
-efficacy, paraphrase and neighbourhood scores are 1.
+efficacy, paraphrase and neighbourhood scores are 1. portability_score (zsRE cases with a portability question)
+is averaged over the cases that have one; None when none has.
 
 Rows with a `checkpoint` (batch and sequential protocols: the number of edits applied when the row was
 measured) are also summarised per checkpoint under "checkpoints" (keys are the checkpoint as a string): the
@@ -23,7 +24,8 @@ from kedit_ray.eval.lifelong import err, trr
 SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 CORE = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
         "neighborhood_score", "neighborhood_magnitude")
-METRICS = CORE + tuple(f"pre_{m}" for m in CORE) + ("fluency", "pre_fluency", "consistency")
+METRICS = CORE + tuple(f"pre_{m}" for m in CORE) + ("fluency", "pre_fluency", "consistency", "portability_score",
+                                                     "pre_portability_score")
 # the KE paper's figures (De Cao et al. 2021): the share of cases whose score is perfect (zsRE: every target token
 # the argmax; locality: every O^x prediction unchanged)
 KE_FIGURES = {"success_rate": "efficacy_score", "equivalence_accuracy": "paraphrase_score",

@@ -3,6 +3,8 @@
     efficacy_score      token accuracy of o* (alt) after the question: at each target position, does the argmax
                         equal the target token; averaged over the target's tokens
     paraphrase_score    the same after the rephrased question(s) (generalization)
+    portability_score   token accuracy of the portability answer after its one-hop question (the efficacy's
+                        definition); None for a case without one
     neighborhood_score  locality: share of the loc answer's tokens (teacher-forced after loc + "?", as ROME's zsRE
                         eval does) whose argmax is unchanged by the edit, i.e. equals the pre-edit argmax
     *_magnitude         mean probability of the reference tokens (o*'s tokens; for locality the pre-edit argmaxes)
@@ -66,15 +68,19 @@ def zsre_scores(lm: LM, req: EditRequest, pre: dict | None = None) -> dict:
     unedited model (needed for locality after an edit)."""
     new = target_ids(lm, req.target_new)
     groups = {"efficacy": [req.text], "paraphrase": list(req.paraphrase_prompts)}
+    port = [target_ids(lm, a) for a in req.portability_answers]
     locs = [loc_prompt(n) for n in req.neighborhood_prompts]
     answers = [target_ids(lm, a) for a in req.neighborhood_answers]
-    prompts = groups["efficacy"] + groups["paraphrase"] + locs
-    res = teacher_forced(lm, prompts, [new] * (len(prompts) - len(locs)) + answers) if prompts else []
+    prompts = groups["efficacy"] + groups["paraphrase"] + list(req.portability_prompts) + locs
+    n_new = len(prompts) - len(port) - len(locs)
+    res = teacher_forced(lm, prompts, [new] * n_new + port + answers) if prompts else []
     out: dict = {}
     start = 0
     for name, ps in groups.items():
         out[f"{name}_score"], out[f"{name}_magnitude"] = _accuracy(res[start:start + len(ps)], [new] * len(ps))
         start += len(ps)
+    out["portability_score"] = _accuracy(res[start:start + len(port)], port)[0] if port else None
+    start += len(port)
     loc_res = res[start:]
     argmax = [int(t) for am, _ in loc_res for t in am]
     if pre is None:
