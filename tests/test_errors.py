@@ -120,6 +120,10 @@ def test_prompts_longer_than_the_context_are_invalid_records(tmp_path, tiny_dir,
     data = write(tmp_path / "para.jsonl", [paraphrase])
     code, err = run(capsys, *eval_argv(tiny_dir, data, tmp_path / "o"))
     one_error(err, "eval", "record 0", "'paraphrase_prompts'")
+    portability = {**GOOD, "case_id": 3, "portability_prompts": ["Where is it?"], "portability_answers": ["Goa " * 200]}
+    data = write(tmp_path / "port.jsonl", [portability])              # counted with its own, long, answer
+    code, err = run(capsys, *eval_argv(tiny_dir, data, tmp_path / "o"))
+    one_error(err, "eval", "record 0", "'portability_prompts'")
 
 
 def test_a_setting_error_names_the_flag_before_any_model_loads(tmp_path, capsys):

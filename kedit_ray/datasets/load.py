@@ -30,16 +30,18 @@ def load_requests(path: str | Path, dataset: str = "auto", limit: int | None = N
 
 
 def fits_context(tok, context: int) -> Callable[[EditRequest], None]:
-    """A check that refuses a request whose prompt (with its target) is longer than `context` tokens. Only texts
-    with as many bytes as that are tokenised: a token covers at least one byte."""
+    """A check that refuses a request whose prompts (each with the answer scored after it) are longer than
+    `context` tokens. Only texts with as many bytes as that are tokenised: a token covers at least one byte."""
     def check(req: EditRequest) -> None:
-        for name, prompts in (("prompt", [req.text]), ("paraphrase_prompts", req.paraphrase_prompts),
-                              ("neighborhood_prompts", req.neighborhood_prompts)):
-            for p in prompts:
-                if len(p.encode()) + len(req.target_new.encode()) + 4 <= context:
-                    continue
-                n = len(tok(p).input_ids) + len(tok(" " + req.target_new, add_special_tokens=False).input_ids)
-                if n > context:
-                    raise InvalidRecord("", 0, name, f"{n:,} tokens with the target, more than the model's context "
-                                                     f"of {context:,}")
+        scored = [("prompt", req.text, req.target_new)]
+        scored += [("paraphrase_prompts", p, req.target_new) for p in req.paraphrase_prompts]
+        scored += [("neighborhood_prompts", p, req.target_new) for p in req.neighborhood_prompts]
+        scored += [("portability_prompts", p, a) for p, a in zip(req.portability_prompts, req.portability_answers)]
+        for name, p, target in scored:
+            if len(p.encode()) + len(target.encode()) + 4 <= context:
+                continue
+            n = len(tok(p).input_ids) + len(tok(" " + target, add_special_tokens=False).input_ids)
+            if n > context:
+                raise InvalidRecord("", 0, name, f"{n:,} tokens with the target, more than the model's context "
+                                                 f"of {context:,}")
     return check
