@@ -36,7 +36,8 @@ CONTRACT = pa.schema(
     [("case_id", pa.int64()), ("method", pa.string()), ("model", pa.string()), ("worker", pa.string())]
     + [(m, pa.float64()) for m in CORE] + [(f"pre_{m}", pa.float64()) for m in CORE]
     + [("edit_seconds", pa.float64()), ("error", pa.string())]
-    + [("portability_score", pa.float64()), ("pre_portability_score", pa.float64())])   # null where not measured
+    + [("portability_score", pa.float64()), ("pre_portability_score", pa.float64()),    # null where not measured
+       ("perplexity", pa.float64()), ("pre_perplexity", pa.float64()), ("collapsed", pa.bool_())])
 # Optional columns whose type is fixed whatever the first values are.
 KNOWN = {"fluency": pa.float64(), "pre_fluency": pa.float64(), "consistency": pa.float64(),
          "checkpoint": pa.int64(), "layer": pa.int64()}

@@ -20,7 +20,8 @@ import numpy as np
 from kedit_ray.eval.summary import SCORES, summarize
 
 COLUMNS = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("S", "score")]
-OPTIONAL = [("Port", "portability_score")]   # shown when some run has it (zsRE with portability questions)
+# shown when some run has it: zsRE with portability questions, --ppl-docs
+OPTIONAL = [("Port", "portability_score"), ("PPL", "perplexity")]
 DATASETS = {"counterfact": "CounterFact", "zsre": "zsRE"}
 
 

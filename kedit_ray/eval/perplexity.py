@@ -1,0 +1,49 @@
+"""General ability: the model's perplexity on the first N documents of the default stats corpus (issue 19 §2).
+
+perplexity = exp(Σ NLL / Σ tokens), the NLL of each token given the ones before it, pooled over every predicted
+token of every document (a document of one token predicts none and adds nothing). Each document is tokenized with
+the tokenizer's defaults and truncated to MAX_LEN tokens (or the model's context when shorter), one forward pass
+each, no grad: NLL = logsumexp(logits) − logit of the token, in float32 (float64 for a float64 model), summed
+in float64.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from kedit_ray.models import LM
+from kedit_ray.stats.cache import context_length
+from kedit_ray.stats.corpus import DEFAULT_CORPUS, documents
+
+MAX_LEN = 256   # tokens per document: a quarter of the stats' 1024, enough for WikiText's paragraphs, cheap on a CPU
+
+
+def corpus_docs(n: int) -> list[str]:
+    """The first `n` documents of the default stats corpus (the shipped WikiText-2 test split)."""
+    return list(itertools.islice(documents(DEFAULT_CORPUS), n))
+
+
+@torch.no_grad()
+def perplexity(lm: LM, docs: list[str], max_len: int = MAX_LEN) -> float:
+    """exp(mean token NLL) of `lm` as it is now over `docs`, each truncated to min(max_len, context) tokens."""
+    max_len = min(max_len, context_length(lm.model.config))
+    nll, tokens = 0.0, 0
+    for ids in lm.tok(docs, truncation=True, max_length=max_len)["input_ids"]:
+        if len(ids) < 2:
+            continue
+        x = torch.tensor([ids], device=lm.input_device)
+        logits = lm.model(input_ids=x, use_cache=False).logits[0, :-1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # float32, or float64 kept
+        target = logits.gather(1, x[0, 1:, None].to(logits.device))[:, 0]   # the logit of each next token
+        nll += (torch.logsumexp(logits, -1) - target).double().sum().item()
+        tokens += len(ids) - 1
+    if tokens == 0:
+        raise ValueError(f"perplexity: the {len(docs)} document(s) hold no token to predict")
+    return math.exp(nll / tokens)
+
+
+def collapsed(post: float, pre: float, factor: float) -> bool:
+    """An edit collapsed the model when it multiplied the perplexity by more than `factor` (--collapse-factor)."""
+    return post > factor * pre

@@ -1,0 +1,97 @@
+"""Perplexity and collapse (issue 19 §2): the metric against exp(mean NLL) computed directly, and `kedit eval
+--ppl-docs` end to end on the tiny model: columns, summary, report, --collapse-factor, the other protocols refused."""
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+from kedit_ray.cli import main
+from kedit_ray.eval.perplexity import corpus_docs, perplexity
+from kedit_ray.eval.report import table
+from kedit_ray.eval.summary import summarize
+from test_errors import GOOD, eval_argv, one_error, run, write
+
+DOCS = ["The Space Needle is located in the city of Seattle .", "Paris is the capital of France",
+        "Rome", "", "Danielle Darrieux speaks French , the language of France ."]
+
+
+def direct(lm, docs: list[str], max_len: int) -> float:
+    """exp(Σ NLL / Σ predicted tokens), from each document's full float64 log-softmax."""
+    nll, n = 0.0, 0
+    for doc in docs:
+        ids = lm.tok(doc).input_ids[:max_len]
+        if len(ids) < 2:
+            continue
+        logp = torch.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
+        nll -= sum(logp[i, t].item() for i, t in enumerate(ids[1:]))
+        n += len(ids) - 1
+    return math.exp(nll / n)
+
+
+def test_perplexity_is_exp_mean_token_nll(tiny_lm64, one_thread):
+    """Pooled over every predicted token ("Rome" predicts one, "" none), documents truncated to max_len; float64
+    throughout, so any correct arithmetic agrees to far below 1e-9."""
+    with torch.no_grad():
+        for max_len in (256, 5):
+            assert perplexity(tiny_lm64, DOCS, max_len) == pytest.approx(direct(tiny_lm64, DOCS, max_len), rel=1e-9)
+        assert perplexity(tiny_lm64, DOCS, 5) != pytest.approx(perplexity(tiny_lm64, DOCS), rel=1e-3)
+    with pytest.raises(ValueError, match="no token to predict"):
+        perplexity(tiny_lm64, ["", "Rome"], 1)
+
+
+def _rows(out) -> list[dict]:
+    return ds.dataset(str(out / "results")).to_table().sort_by("case_id").to_pylist()
+
+
+def test_eval_ppl_docs_end_to_end(tmp_path, tiny_dir, tiny_lm, capsys, one_thread):
+    data = write(tmp_path / "d.jsonl", [GOOD, {**GOOD, "case_id": 1, "subject": "Eiffel Tower", "target_new": "Rome"}])
+    out = tmp_path / "o"
+    assert main(eval_argv(tiny_dir, data, out, "--workers", "1", "--ppl-docs", "2")) == 0
+    rows = _rows(out)
+    assert len(rows) == 2 and all(r["error"] is None for r in rows)
+    pre = perplexity(tiny_lm, corpus_docs(2))   # the unedited model's, once per worker: the same in every row
+    for r in rows:
+        assert r["pre_perplexity"] == pytest.approx(pre, rel=1e-5)
+        assert r["perplexity"] > 0 and r["perplexity"] != r["pre_perplexity"]   # the edit changed the model
+        assert r["collapsed"] == (r["perplexity"] > 2 * r["pre_perplexity"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pre_perplexity"] == pytest.approx(pre, rel=1e-5)
+    assert summary["perplexity"] == pytest.approx(sum(r["perplexity"] for r in rows) / 2)
+    assert summary["collapsed_count"] == sum(r["collapsed"] for r in rows)
+    assert json.loads((out / "config.json").read_text())["ppl_docs"] == 2
+    capsys.readouterr()
+    assert main(["report", str(out), "--png", str(tmp_path / "r.png")]) == 0
+    assert "PPL pre→post" in capsys.readouterr().out
+
+    # --collapse-factor decides the flag: below every ratio post/pre all edits collapse, above every one none does
+    ratios = [r["perplexity"] / r["pre_perplexity"] for r in rows]
+    for factor, flagged in ((min(ratios) / 2, 2), (max(ratios) * 2, 0)):
+        o = tmp_path / f"f{factor}"
+        assert main(eval_argv(tiny_dir, data, o, "--workers", "1", "--ppl-docs", "2",
+                              "--collapse-factor", repr(factor))) == 0
+        assert [r["collapsed"] for r in _rows(o)] == [flagged == 2] * 2
+        assert json.loads((o / "summary.json").read_text())["collapsed_count"] == flagged
+
+
+def test_without_ppl_docs_the_columns_are_null():
+    rows = [{"case_id": 0, "efficacy_score": 1.0, "perplexity": None, "pre_perplexity": None, "collapsed": None,
+             "error": None}]
+    s = summarize(rows)
+    assert s["perplexity"] is None and s["collapsed_count"] is None
+    assert "PPL" not in table({"run": {**s, "method": "rome"}})
+    measured = summarize([{**rows[0], "perplexity": 30.0, "pre_perplexity": 10.0, "collapsed": True},
+                          {**rows[0], "case_id": 1, "perplexity": 12.0, "pre_perplexity": 10.0, "collapsed": False}])
+    assert (measured["perplexity"], measured["pre_perplexity"], measured["collapsed_count"]) == (21.0, 10.0, 1)
+    assert "10.000→21.000" in table({"run": {**measured, "method": "rome"}})
+
+
+@pytest.mark.parametrize("protocol", ["batch", "sequential"])
+def test_ppl_docs_is_refused_outside_the_single_protocol(tmp_path, tiny_dir, capsys, protocol):
+    data = write(tmp_path / "d.jsonl", [GOOD])
+    code, err = run(capsys, *eval_argv(tiny_dir, data, tmp_path / "o", "--protocol", protocol, "--ppl-docs", "2"))
+    assert code == 2
+    one_error(err, "eval", "--ppl-docs", "single protocol")
