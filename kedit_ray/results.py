@@ -87,15 +87,17 @@ def check_config(out: str | Path, config: dict, run_only: Iterable[str] = (),
 
     Only results on disk lock a configuration: a run that failed or wrote nothing leaves OUT free. Keys under a
     `run_only` prefix (how a run is executed: workers, placement) may differ; any other difference is refused.
-    `read(config, where)` parses the config found there (a typed spec's from_json), refusing one it cannot."""
+    `read(config, where)` parses the config found there (a typed spec's from_json), refusing one it cannot; a spec
+    it returns is compared as it writes itself (`to_json`), so a field added since that run counts at its default."""
     config = json.loads(json.dumps(config, default=str))
     path = Path(out) / "config.json"
     run_only = tuple(run_only)
     if path.exists() and has_results(out):
         try:
             old = json.loads(path.read_text())
-            if read is not None:
-                read(old, str(path))
+            parsed = read(old, str(path)) if read is not None else None
+            if hasattr(parsed, "to_json"):
+                old = json.loads(json.dumps(parsed.to_json(), default=str))
         except (json.JSONDecodeError, ValueError, TypeError) as e:
             raise ConfigMismatch(f"{path}: not the config of such a run ({e}); use another --out") from None
         old, new = _flat(old), _flat(config)

@@ -95,3 +95,18 @@ def test_ppl_docs_is_refused_outside_the_single_protocol(tmp_path, tiny_dir, cap
     code, err = run(capsys, *eval_argv(tiny_dir, data, tmp_path / "o", "--protocol", protocol, "--ppl-docs", "2"))
     assert code == 2
     one_error(err, "eval", "--ppl-docs", "single protocol")
+
+
+def test_a_run_from_before_ppl_docs_resumes(tmp_path):
+    """A config.json written before --ppl-docs existed reads as not measuring it: resumed as such, refused with it."""
+    from kedit_ray.results import ConfigMismatch, PartWriter, check_config
+    from kedit_ray.spec import RUN_ONLY, EvalSpec, ModelSpec
+
+    spec = EvalSpec(ModelSpec("toy"), "rome")
+    before = {k: v for k, v in spec.to_json().items() if k not in ("ppl_docs", "collapse_factor")}
+    (tmp_path / "config.json").write_text(json.dumps(before))
+    with PartWriter(tmp_path) as writer:
+        writer.add({"case_id": 0, "method": "rome", "model": "toy", "error": None})
+    check_config(tmp_path, spec.to_json(), RUN_ONLY, EvalSpec.from_json)
+    with pytest.raises(ConfigMismatch, match="ppl_docs: 0 there, 2 now"):
+        check_config(tmp_path, EvalSpec(ModelSpec("toy"), "rome", ppl_docs=2).to_json(), RUN_ONLY, EvalSpec.from_json)
