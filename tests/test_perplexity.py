@@ -16,7 +16,8 @@ from kedit_ray.eval.summary import summarize
 from test_errors import GOOD, eval_argv, one_error, run, write
 
 DOCS = ["The Space Needle is located in the city of Seattle .", "Paris is the capital of France",
-        "Rome", "", "Danielle Darrieux speaks French , the language of France ."]
+        "Rome", "", "Danielle Darrieux speaks French , the language of France .", "the city of " * 50]
+CONTEXT = 128   # the tiny model's: the last document (151 tokens) is cut to it, and its head runs in 64-row chunks
 
 
 def direct(lm, docs: list[str], max_len: int) -> float:
@@ -33,11 +34,12 @@ def direct(lm, docs: list[str], max_len: int) -> float:
 
 
 def test_perplexity_is_exp_mean_token_nll(tiny_lm64, one_thread):
-    """Pooled over every predicted token ("Rome" predicts one, "" none), documents truncated to max_len; float64
-    throughout, so any correct arithmetic agrees to far below 1e-9."""
+    """Pooled over every predicted token ("Rome" predicts one, "" none), documents truncated to max_len and the
+    context; float64 throughout, so any correct arithmetic agrees to far below 1e-9."""
     with torch.no_grad():
         for max_len in (256, 5):
-            assert perplexity(tiny_lm64, DOCS, max_len) == pytest.approx(direct(tiny_lm64, DOCS, max_len), rel=1e-9)
+            expected = direct(tiny_lm64, DOCS, min(max_len, CONTEXT))
+            assert perplexity(tiny_lm64, DOCS, max_len) == pytest.approx(expected, rel=1e-9)
         assert perplexity(tiny_lm64, DOCS, 5) != pytest.approx(perplexity(tiny_lm64, DOCS), rel=1e-3)
     with pytest.raises(ValueError, match="no token to predict"):
         perplexity(tiny_lm64, ["", "Rome"], 1)

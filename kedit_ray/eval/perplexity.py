@@ -3,8 +3,8 @@
 perplexity = exp(Σ NLL / Σ tokens), the NLL of each token given the ones before it, pooled over every predicted
 token of every document (a document of one token predicts none and adds nothing). Each document is tokenized with
 the tokenizer's defaults and truncated to MAX_LEN tokens (or the model's context when shorter), one forward pass
-each, no grad: NLL = logsumexp(logits) − logit of the token, in float32 (float64 for a float64 model), summed
-in float64.
+each, no grad, stopped at the final norm; the LM head then runs on a few positions at a time (`LM.head_logits`),
+and NLL = logsumexp(logits) − the token's logit, in float32 (float64 for a float64 model), summed in float64.
 """
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import math
 
 import torch
 
-from kedit_ray.models import LM
+from kedit_ray.models import LM, Trace
 from kedit_ray.stats.cache import context_length
 from kedit_ray.stats.corpus import DEFAULT_CORPUS, documents
 
 MAX_LEN = 256   # tokens per document: a quarter of the stats' 1024, enough for WikiText's paragraphs, cheap on a CPU
+HEAD_ROWS = 64  # positions per LM-head call: gemma-3-270m's 262k-word head then holds 64 MiB of logits, not 256 MiB
 
 
 def corpus_docs(n: int) -> list[str]:
@@ -33,11 +34,13 @@ def perplexity(lm: LM, docs: list[str], max_len: int = MAX_LEN) -> float:
     for ids in lm.tok(docs, truncation=True, max_length=max_len)["input_ids"]:
         if len(ids) < 2:
             continue
-        x = torch.tensor([ids], device=lm.input_device)
-        logits = lm.model(input_ids=x, use_cache=False).logits[0, :-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # float32, or float64 kept
-        target = logits.gather(1, x[0, 1:, None].to(logits.device))[:, 0]   # the logit of each next token
-        nll += (torch.logsumexp(logits, -1) - target).double().sum().item()
+        with Trace(lm.model, lm.arch.final_norm, retain_output=True, stop=True) as final:   # the body, no head
+            lm.model(input_ids=torch.tensor([ids], device=lm.input_device), use_cache=False)
+        h = final.output[0, :-1].to(lm.device_of(lm.arch.lm_head))
+        for i in range(0, len(h), HEAD_ROWS):   # the head a few positions at a time: [HEAD_ROWS, vocab] at most
+            logits = lm.head_logits(h[i:i + HEAD_ROWS])
+            nxt = torch.tensor(ids[i + 1:i + 1 + HEAD_ROWS], device=logits.device)
+            nll += (torch.logsumexp(logits, -1) - logits.gather(1, nxt[:, None])[:, 0]).double().sum().item()
         tokens += len(ids) - 1
     if tokens == 0:
         raise ValueError(f"perplexity: the {len(docs)} document(s) hold no token to predict")
