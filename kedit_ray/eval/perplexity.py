@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -50,3 +51,28 @@ def perplexity(lm: LM, docs: list[str], max_len: int = MAX_LEN) -> float:
 def collapsed(post: float, pre: float, factor: float) -> bool:
     """An edit collapsed the model when it multiplied the perplexity by more than `factor` (--collapse-factor)."""
     return post > factor * pre
+
+
+@dataclass
+class Probe:
+    """--ppl-docs on one worker: the documents, the collapse factor, and the unedited model's perplexity, measured
+    once (`before`) and kept."""
+
+    docs: list[str]
+    factor: float
+    pre: float | None = None
+
+    @classmethod
+    def of(cls, spec) -> Probe | None:
+        """The probe an EvalSpec asks for; None without --ppl-docs."""
+        return cls(corpus_docs(spec.ppl_docs), spec.collapse_factor) if spec.ppl_docs else None
+
+    def before(self, lm: LM) -> None:
+        """Measure the unedited model (call it before any edit); later calls keep the first value."""
+        if self.pre is None:
+            self.pre = perplexity(lm, self.docs)
+
+    def after(self, lm: LM) -> dict:
+        """The row columns of the model as it is now: perplexity, pre_perplexity, collapsed."""
+        post = perplexity(lm, self.docs)
+        return {"perplexity": post, "pre_perplexity": self.pre, "collapsed": collapsed(post, self.pre, self.factor)}
