@@ -254,8 +254,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fluency", action="store_true", help="also greedy-generate and score fluency (slow on CPU)")
     p.add_argument("--retry-errors", action="store_true", help="rerun the cases whose rows hold an error")
     p.add_argument("--ppl-docs", type=count, default=0,
-                   help="perplexity before and after each edit on the first N documents of the default stats corpus "
-                        "(single protocol; default: 0, not measured)")
+                   help="perplexity before and after the edits on the first N documents of the default stats corpus: "
+                        "per case, per batch, or at each sequential checkpoint (default: 0, not measured)")
     p.add_argument("--collapse-factor", type=positive_float, default=2.0,
                    help="flag an edit `collapsed` when it multiplies the perplexity by more than this (with --ppl-docs)")
     g = p.add_argument_group("protocol")
@@ -311,8 +311,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     make_checked_editor(args)
     if args.fluency and args.protocol != "single":
         raise UsageError("--fluency is only measured by the single protocol")
-    if args.ppl_docs and args.protocol != "single":
-        raise UsageError("--ppl-docs is measured in the single protocol only for now")
     if args.protocol == "sequential":
         edited, held_out = split_held_out(_requests(args, None), args.limit, args.held_out)
         print(f"[kedit] editing {len(edited)} cases, holding out {len(held_out)} for TRR", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Perplexity and collapse (issue 19 §2): the metric against exp(mean NLL) computed directly, and `kedit eval
---ppl-docs` end to end on the tiny model: columns, summary, report, --collapse-factor, the other protocols refused."""
+--ppl-docs` end to end on the tiny model: columns, summary, report, --collapse-factor, all three protocols."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from kedit_ray.cli import main
 from kedit_ray.eval.perplexity import corpus_docs, perplexity
 from kedit_ray.eval.report import table
 from kedit_ray.eval.summary import summarize
-from test_errors import GOOD, eval_argv, one_error, run, write
+from test_errors import GOOD, eval_argv, write
 
 DOCS = ["The Space Needle is located in the city of Seattle .", "Paris is the capital of France",
         "Rome", "", "Danielle Darrieux speaks French , the language of France .", "the city of " * 50]
@@ -91,12 +91,78 @@ def test_without_ppl_docs_the_columns_are_null():
     assert "10.000→21.000" in table({"run": {**measured, "method": "rome"}})
 
 
-@pytest.mark.parametrize("protocol", ["batch", "sequential"])
-def test_ppl_docs_is_refused_outside_the_single_protocol(tmp_path, tiny_dir, capsys, protocol):
-    data = write(tmp_path / "d.jsonl", [GOOD])
-    code, err = run(capsys, *eval_argv(tiny_dir, data, tmp_path / "o", "--protocol", protocol, "--ppl-docs", "2"))
-    assert code == 2
-    one_error(err, "eval", "--ppl-docs", "single protocol")
+def test_protocols_measure_the_model_at_each_batch_and_checkpoint(tiny_lm, one_thread):
+    """Batch: every row of a batch carries the perplexity of the model with that batch's edit; sequential: every row
+    of a checkpoint (edits and held-out cases) that of the model with every edit so far. Checked against the
+    edits themselves, applied again after the run (which restored the model)."""
+    from test_protocols import cases, small
+
+    from kedit_ray.editors import Memit, MemitParams
+    from kedit_ray.eval.perplexity import Probe
+    from kedit_ray.eval.protocols import run_batch, run_sequential
+
+    docs = corpus_docs(2)
+    pre = perplexity(tiny_lm, docs)
+    editor = small(Memit, MemitParams, mom2_update_weight=1e-3)
+    editor.hp.values.steps = 4
+    made = []
+    edit_batch = editor.edit_batch
+    editor.edit_batch = lambda lm, reqs: made.append(edit_batch(lm, reqs)) or made[-1]
+
+    def with_edits(edits) -> float:
+        for e in edits:
+            e.apply(tiny_lm.model)
+        try:
+            return perplexity(tiny_lm, docs)
+        finally:
+            for e in reversed(edits):
+                e.revert(tiny_lm.model)
+
+    rows = run_batch(tiny_lm, editor, cases(4), 2, "memit", progress=False, probe=Probe(docs, 1.0))
+    for b in (0, 1):
+        post = with_edits([made[b]])
+        at = [r for r in rows if r["batch"] == b]   # the same computation: equal to float rounding, any arithmetic
+        assert [r["perplexity"] for r in at] == pytest.approx([post, post], rel=1e-9)
+        assert [(r["pre_perplexity"], r["collapsed"]) for r in at] == [(pre, post > pre)] * 2
+    made.clear()
+    rows, summary = run_sequential(tiny_lm, editor, cases(4), 2, [2, 4], cases(2, start=4), "memit",
+                                   progress=False, probe=Probe(docs, 2.0))
+    for t, edits in ((2, made[:1]), (4, made)):
+        post = with_edits(edits)
+        at = [r for r in rows if r["checkpoint"] == t]
+        assert len(at) == t + 2 and {r["pre_perplexity"] for r in at} == {pre}
+        assert [r["perplexity"] for r in at] == pytest.approx([post] * (t + 2), rel=1e-9)
+        assert summary["checkpoints"][str(t)]["perplexity"] == pytest.approx(post, rel=1e-9)
+        assert summary["checkpoints"][str(t)]["collapsed_count"] == (t if post > 2 * pre else 0)
+    assert perplexity(tiny_lm, docs) == pytest.approx(pre, rel=1e-9)   # the model restored
+
+
+def test_eval_ppl_docs_in_batch_and_sequential(tmp_path, tiny_dir, capsys, one_thread):
+    """Through `kedit eval`: MEMIT sequential (split over the pool: the driver asks a worker) and ROME batch (whole
+    batches on a worker); the report's checkpoint table and lifelong figure carry perplexity."""
+    from test_protocols import cases
+
+    data = write(tmp_path / "d.jsonl", [r.to_dict() for r in cases(6)])
+    common = ["--model", tiny_dir, "--data", data, "--no-cov", "--v-steps", "3", "--workers", "1", "--ppl-docs", "2",
+              "--batch-size", "2"]
+    seq, bat = tmp_path / "seq", tmp_path / "bat"
+    assert main(["eval", "--method", "memit", "--layers", "1,2", "--protocol", "sequential", "--checkpoints", "2,4",
+                 "--held-out", "2", "--limit", "4", "--out", str(seq), *common]) == 0
+    assert main(["eval", "--method", "rome", "--layer", "1", "--protocol", "batch", "--limit", "4", "--out", str(bat),
+                 *common]) == 0
+    for out, key in ((seq, "checkpoint"), (bat, "batch")):
+        rows = _rows(out)
+        assert len({r["pre_perplexity"] for r in rows}) == 1 and None not in {r["pre_perplexity"] for r in rows}
+        for k in {r[key] for r in rows}:
+            at = {(r["perplexity"], r["collapsed"]) for r in rows if r[key] == k}
+            (post, flag), = at   # one model, one value
+            assert flag == (post > 2 * rows[0]["pre_perplexity"])
+    s = json.loads((seq / "summary.json").read_text())
+    assert s["checkpoints"]["2"]["perplexity"] != s["checkpoints"]["4"]["perplexity"]
+    capsys.readouterr()
+    assert main(["report", str(seq), "--png", str(tmp_path / "r.png")]) == 0
+    said = capsys.readouterr().out
+    assert said.count("PPL") == 2 and (tmp_path / "lifelong.png").exists()   # the run table and the checkpoints'
 
 
 def test_a_run_from_before_ppl_docs_resumes(tmp_path):

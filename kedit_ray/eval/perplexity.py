@@ -73,6 +73,9 @@ class Probe:
             self.pre = perplexity(lm, self.docs)
 
     def after(self, lm: LM) -> dict:
-        """The row columns of the model as it is now: perplexity, pre_perplexity, collapsed."""
-        post = perplexity(lm, self.docs)
+        """The row columns of the model as it is now."""
+        return self.columns(perplexity(lm, self.docs))
+
+    def columns(self, post: float) -> dict:
+        """perplexity, pre_perplexity and collapsed, for a perplexity `post` measured after edits."""
         return {"perplexity": post, "pre_perplexity": self.pre, "collapsed": collapsed(post, self.pre, self.factor)}
