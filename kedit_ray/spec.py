@@ -116,6 +116,7 @@ class EvalSpec:
     options: dict = field(default_factory=dict)    # the runner's own settings
     ppl_docs: int = 0                              # documents of the stats corpus for perplexity (0: not measured)
     collapse_factor: float = 2.0                   # an edit that multiplies the perplexity by more is `collapsed`
+    stop_on_collapse: bool = False                 # sequential: stop at the first collapsed checkpoint
     resources: Resources = field(default_factory=Resources)
 
     def __post_init__(self):

@@ -13,7 +13,7 @@ from kedit_ray.cli import main
 from kedit_ray.eval.perplexity import corpus_docs, perplexity
 from kedit_ray.eval.report import table
 from kedit_ray.eval.summary import summarize
-from test_errors import GOOD, eval_argv, write
+from test_errors import GOOD, eval_argv, one_error, run, write
 
 DOCS = ["The Space Needle is located in the city of Seattle .", "Paris is the capital of France",
         "Rome", "", "Danielle Darrieux speaks French , the language of France .", "the city of " * 50]
@@ -178,3 +178,33 @@ def test_a_run_from_before_ppl_docs_resumes(tmp_path):
     check_config(tmp_path, spec.to_json(), RUN_ONLY, EvalSpec.from_json)
     with pytest.raises(ConfigMismatch, match="ppl_docs: 0 there, 2 now"):
         check_config(tmp_path, EvalSpec(ModelSpec("toy"), "rome", ppl_docs=2).to_json(), RUN_ONLY, EvalSpec.from_json)
+
+
+def test_stop_on_collapse(tmp_path, tiny_dir, capsys, one_thread):
+    """A factor below every checkpoint's ratio flags the first checkpoint: the run ends there, says so in its
+    summary, and a rerun finds it complete (MEMIT, split; ROME, whole on a worker). Refused where it cannot apply."""
+    from test_protocols import cases
+
+    from kedit_ray.results import read_results
+
+    data = write(tmp_path / "d.jsonl", [r.to_dict() for r in cases(6)])
+    for method, where in (("memit", ["--layers", "1,2"]), ("rome", ["--layer", "1"])):
+        out = tmp_path / method
+        argv = ["eval", "--method", method, *where, "--model", tiny_dir, "--data", data, "--no-cov", "--v-steps", "3",
+                "--workers", "1", "--ppl-docs", "2", "--protocol", "sequential", "--batch-size", "2",
+                "--checkpoints", "2,4", "--held-out", "2", "--limit", "4", "--out", str(out), "--stop-on-collapse",
+                "--collapse-factor", "1e-9"]
+        assert main(argv) == 0
+        assert sorted(set(read_results(out)["checkpoint"].to_pylist())) == [2]
+        s = json.loads((out / "summary.json").read_text())
+        assert s["stopped_at"] == 2 and s["collapsed_count"] == 2
+        assert main(argv) == 0 and len(read_results(out)) == 4   # nothing to do again
+    out = tmp_path / "none"   # a factor no checkpoint reaches: the run goes on to the end
+    assert main([*argv[:argv.index("--out")], "--out", str(out), "--stop-on-collapse", "--collapse-factor", "1e9"]) == 0
+    assert sorted(set(read_results(out)["checkpoint"].to_pylist())) == [2, 4]
+    assert json.loads((out / "summary.json").read_text())["stopped_at"] is None
+    for bad in (["--protocol", "batch"], ["--ppl-docs", "0"]):   # the last --protocol / --ppl-docs wins
+        code, err = run(capsys, *eval_argv(tiny_dir, data, tmp_path / "o", "--protocol", "sequential", "--ppl-docs",
+                                           "2", "--stop-on-collapse", *bad))
+        assert code == 2
+        one_error(err, "eval", "--stop-on-collapse needs --protocol sequential and --ppl-docs")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,11 +341,14 @@ def _sequential(run: Run, todo: list, held_out: list, checkpoints, batch_size: i
         missing = [r for r in [*done, *held_out] if (r.case_id, len(done)) not in written]
         if len(done) not in cps or not missing:
             continue
-        extra = {**extra, **run.perplexity(applied)}
+        ppl = run.perplexity(applied)
+        extra = {**extra, **ppl}
         _write_scored(run, _score(run, missing, applied, pre, f"checkpoint {len(done)}", "eval"),
                       lambda r, post, p: case_row(r, post, p, method=method, model=model, checkpoint=len(done),
                                                   batch=b, role="edit" if r.case_id in seconds else "held_out",
                                                   seconds=seconds.get(r.case_id), extra=extra), pre, b)
+        if ppl.get("collapsed") and run.probe.stop:   # --stop-on-collapse
+            break
 
 
 def _sequential_whole(run: Run, todo: list, held_out: list, checkpoints, batch_size: int) -> None:
@@ -361,6 +365,16 @@ def _sequential_whole(run: Run, todo: list, held_out: list, checkpoints, batch_s
 def _sequential_complete(out: Path, requests, held_out, batch_size, checkpoints) -> bool:
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
     return read_results(out, ["case_id"]).num_rows == sum(c + len(held_out) for c in cps)
+
+
+def stopped_at(out: Path, held_out: int) -> int | None:
+    """The checkpoint a --stop-on-collapse run stopped at: the first flagged `collapsed` whose rows (its edits and
+    the `held_out` cases) are all written; None when there is none."""
+    if not finished_case_ids(out):
+        return None
+    table = read_results(out, ["checkpoint", "collapsed"]).to_pydict()
+    flagged = Counter(t for t, c in zip(table["checkpoint"], table["collapsed"]) if c)
+    return min((t for t, n in flagged.items() if n == t + held_out), default=None)
 
 
 def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Path,
@@ -383,7 +397,8 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
         todo = [(i, b) for i, b in all_batches if any(r.case_id not in done for r in b)]
     else:
         plan_checkpoints(len(requests), spec.batch_size, spec.checkpoints)   # bad checkpoints fail here
-        complete = _sequential_complete(out, requests, held_out, spec.batch_size, spec.checkpoints)
+        complete = _sequential_complete(out, requests, held_out, spec.batch_size, spec.checkpoints) or \
+            (spec.stop_on_collapse and stopped_at(out, len(held_out)) is not None)
         if done and not complete and not split:
             raise ValueError(f"{out} holds part of a sequential {spec.method} run, which cannot resume midway (only "
                              "MEMIT and AlphaEdit runs can); use another --out or delete that directory")
@@ -411,6 +426,7 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
                     _sequential_whole(run, todo, list(held_out), spec.checkpoints, spec.batch_size)
                 timings = {f"{k}_s": v for k, v in run.seconds.items()}
     finally:
+        stop = {"stopped_at": stopped_at(out, len(held_out))} if spec.stop_on_collapse else {}
         summary = finish(out, requests, start, scorer_name(spec.dataset), workers=spec.resources.workers,
-                         protocol=spec.protocol, batch_size=spec.batch_size, timings=timings)
+                         protocol=spec.protocol, batch_size=spec.batch_size, timings=timings, **stop)
     return summary

@@ -55,17 +55,18 @@ def collapsed(post: float, pre: float, factor: float) -> bool:
 
 @dataclass
 class Probe:
-    """--ppl-docs on one worker: the documents, the collapse factor, and the unedited model's perplexity, measured
-    once (`before`) and kept."""
+    """--ppl-docs on one worker: the documents, the collapse factor, whether a sequential run stops at the first
+    collapse, and the unedited model's perplexity, measured once (`before`) and kept."""
 
     docs: list[str]
     factor: float
+    stop: bool = False
     pre: float | None = None
 
     @classmethod
     def of(cls, spec) -> Probe | None:
         """The probe an EvalSpec asks for; None without --ppl-docs."""
-        return cls(corpus_docs(spec.ppl_docs), spec.collapse_factor) if spec.ppl_docs else None
+        return cls(corpus_docs(spec.ppl_docs), spec.collapse_factor, spec.stop_on_collapse) if spec.ppl_docs else None
 
     def before(self, lm: LM) -> None:
         """Measure the unedited model (call it before any edit); later calls keep the first value."""

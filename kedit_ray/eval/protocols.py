@@ -7,7 +7,8 @@ sequential  batches applied one after another, never reverted (`editor.commit(lm
             editors that remember earlier edits). At each checkpoint T (a multiple of B; the end of the run is
             always one) every edit made so far is scored (role "edit"), and so is a fixed held-out set of
             unrelated cases (role "held_out"), which gives TRR (kedit_ray.eval.lifelong). Pre-edit scores are
-            those of the unedited model. Rows: checkpoint = T.
+            those of the unedited model. Rows: checkpoint = T. With --stop-on-collapse the run ends after the
+            first checkpoint flagged `collapsed`.
 
 Rows carry the scorer's figures, their `pre_` twins, `checkpoint`, `role`, `batch` (index), `edit_seconds`
 (the batch's edit time over its size) and the edit's `ckpt_*` figures (`edit.meta["checkpoint"]`). With a
@@ -162,11 +163,14 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
             done += batch
             if len(done) not in cps:
                 continue
-            extra = {**edit_meta(edits), **checkpoint_figures(edits), **(probe.after(lm) if probe else {})}
+            ppl = probe.after(lm) if probe else {}
+            extra = {**edit_meta(edits), **checkpoint_figures(edits), **ppl}
             yield [case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
                             checkpoint=len(done), batch=b, role=role,
                             seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None, extra=extra)
                    for role, cases in (("edit", done), ("held_out", held_out)) for r in cases]
+            if probe and probe.stop and ppl["collapsed"]:   # --stop-on-collapse
+                return
     finally:
         revert_all(lm, applied)
         if hasattr(editor, "reset"):
