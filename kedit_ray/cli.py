@@ -257,7 +257,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="perplexity before and after the edits on the first N documents of the default stats corpus: "
                         "per case, per batch, or at each sequential checkpoint (default: 0, not measured)")
     p.add_argument("--collapse-factor", type=positive_float, default=2.0,
-                   help="flag an edit `collapsed` when it multiplies the perplexity by more than this (with --ppl-docs)")
+                   help="with --ppl-docs: flag `collapsed` where the edits multiplied the perplexity by more than this")
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", default="single", choices=["single", "batch", "sequential"],
                    help="single: edit, score, revert per case; batch: B edits at once, then score them; "
