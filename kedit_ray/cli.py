@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from kedit_ray.options import (HelpFormatter, UsageError, add_model_args, add_ray_args, count, ints, layers, model_kw,
-                               positive, templates)
+                               positive, positive_float, templates)
 
 DEMO = dict(prompt="The {} is located in the city of", subject="Space Needle", target_new="Goa",
             target_true="Seattle", paraphrase=["The Space Needle can be found in the city of"],
@@ -253,6 +253,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory: results/, summary.json, config.json")
     p.add_argument("--fluency", action="store_true", help="also greedy-generate and score fluency (slow on CPU)")
     p.add_argument("--retry-errors", action="store_true", help="rerun the cases whose rows hold an error")
+    p.add_argument("--ppl-docs", type=count, default=0,
+                   help="perplexity before and after the edits on the first N documents of the default stats corpus: "
+                        "per case, per batch, or at each sequential checkpoint (default: 0, not measured)")
+    p.add_argument("--collapse-factor", type=positive_float, default=2.0,
+                   help="with --ppl-docs: flag `collapsed` where the edits multiplied the perplexity by more than this")
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", default="single", choices=["single", "batch", "sequential"],
                    help="single: edit, score, revert per case; batch: B edits at once, then score them; "
@@ -264,6 +269,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--held-out", type=count, default=None,
                    help="sequential: unrelated cases scored at each checkpoint for TRR, the ones right after the "
                         "edited cases in --data (default: a fifth of the valid records, at most 100)")
+    g.add_argument("--stop-on-collapse", action="store_true",
+                   help="sequential, with --ppl-docs: end the run at the first checkpoint flagged `collapsed`")
 
 
 def _requests(args: argparse.Namespace, limit: int | None) -> list:
@@ -306,6 +313,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     make_checked_editor(args)
     if args.fluency and args.protocol != "single":
         raise UsageError("--fluency is only measured by the single protocol")
+    if args.stop_on_collapse and not (args.protocol == "sequential" and args.ppl_docs):
+        raise UsageError("--stop-on-collapse needs --protocol sequential and --ppl-docs")
     if args.protocol == "sequential":
         edited, held_out = split_held_out(_requests(args, None), args.limit, args.held_out)
         print(f"[kedit] editing {len(edited)} cases, holding out {len(held_out)} for TRR", file=sys.stderr)
@@ -318,7 +327,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec = EvalSpec(ModelSpec.from_kw(args.model, **model_kw(args)), args.method,
                     editor_params(args), args.dataset, str(Path(args.data).resolve()), file_sha256(args.data),
                     args.fluency, args.protocol, args.batch_size, args.checkpoints, [r.case_id for r in held_out],
-                    resources=Resources.from_args(args))
+                    ppl_docs=args.ppl_docs, collapse_factor=args.collapse_factor,
+                    stop_on_collapse=args.stop_on_collapse, resources=Resources.from_args(args))
     if args.protocol == "single":
         from kedit_ray.distributed.driver import run_eval
 

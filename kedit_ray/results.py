@@ -36,7 +36,8 @@ CONTRACT = pa.schema(
     [("case_id", pa.int64()), ("method", pa.string()), ("model", pa.string()), ("worker", pa.string())]
     + [(m, pa.float64()) for m in CORE] + [(f"pre_{m}", pa.float64()) for m in CORE]
     + [("edit_seconds", pa.float64()), ("error", pa.string())]
-    + [("portability_score", pa.float64()), ("pre_portability_score", pa.float64())])   # null where not measured
+    + [("portability_score", pa.float64()), ("pre_portability_score", pa.float64()),    # null where not measured
+       ("perplexity", pa.float64()), ("pre_perplexity", pa.float64()), ("collapsed", pa.bool_())])
 # Optional columns whose type is fixed whatever the first values are.
 KNOWN = {"fluency": pa.float64(), "pre_fluency": pa.float64(), "consistency": pa.float64(),
          "checkpoint": pa.int64(), "layer": pa.int64()}
@@ -86,15 +87,17 @@ def check_config(out: str | Path, config: dict, run_only: Iterable[str] = (),
 
     Only results on disk lock a configuration: a run that failed or wrote nothing leaves OUT free. Keys under a
     `run_only` prefix (how a run is executed: workers, placement) may differ; any other difference is refused.
-    `read(config, where)` parses the config found there (a typed spec's from_json), refusing one it cannot."""
+    `read(config, where)` parses the config found there (a typed spec's from_json), refusing one it cannot; a spec
+    it returns is compared as it writes itself (`to_json`), so a field added since that run counts at its default."""
     config = json.loads(json.dumps(config, default=str))
     path = Path(out) / "config.json"
     run_only = tuple(run_only)
     if path.exists() and has_results(out):
         try:
             old = json.loads(path.read_text())
-            if read is not None:
-                read(old, str(path))
+            parsed = read(old, str(path)) if read is not None else None
+            if hasattr(parsed, "to_json"):
+                old = json.loads(json.dumps(parsed.to_json(), default=str))
         except (json.JSONDecodeError, ValueError, TypeError) as e:
             raise ConfigMismatch(f"{path}: not the config of such a run ({e}); use another --out") from None
         old, new = _flat(old), _flat(config)

@@ -114,6 +114,9 @@ class EvalSpec:
     held_out: list[int] = field(default_factory=list)   # case_ids scored at each sequential checkpoint
     runner: str = DEFAULT_RUNNER                   # "module:qualname" of the single protocol's case runner
     options: dict = field(default_factory=dict)    # the runner's own settings
+    ppl_docs: int = 0                              # documents of the stats corpus for perplexity (0: not measured)
+    collapse_factor: float = 2.0                   # an edit that multiplies the perplexity by more is `collapsed`
+    stop_on_collapse: bool = False                 # sequential: stop at the first collapsed checkpoint
     resources: Resources = field(default_factory=Resources)
 
     def __post_init__(self):
@@ -121,6 +124,10 @@ class EvalSpec:
             raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.ppl_docs < 0:
+            raise ValueError(f"--ppl-docs must be ≥ 0, got {self.ppl_docs}")
+        if not self.collapse_factor > 0:
+            raise ValueError(f"--collapse-factor must be > 0, got {self.collapse_factor}")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from kedit_ray.distributed.worker import Applied, ModelWorker
 from kedit_ray.editors import Delta, make_editor
 from kedit_ray.editors.memit import spread
 from kedit_ray.eval import score, scorer_name
+from kedit_ray.eval.perplexity import Probe, perplexity
 from kedit_ray.eval.protocols import (batch_rows, batches, case_row, checkpoint_figures, edit_meta, error_rows,
                                       plan_checkpoints, sequential_rows)
 from kedit_ray.eval.resume import PreScores, RunState, TargetStore
@@ -66,6 +68,7 @@ class BatchWorker(ModelWorker):
         self.editor = make_editor(spec.method, spec.params)
         self.dataset = scorer_name(spec.dataset)
         self.in_ray = gpus is None
+        self.probe = Probe.of(spec)   # --ppl-docs
         if hasattr(self.editor, "prefixes"):   # the context prefixes come from the unedited model, as in one process
             self.editor.prefixes(self.lm)
 
@@ -94,12 +97,17 @@ class BatchWorker(ModelWorker):
         self.sync(applied)
         return self.name, [score(self.dataset, self.lm, r, pre) for r, pre in cases]
 
+    def perplexity(self, applied: Applied) -> float:
+        """The perplexity (--ppl-docs) of the model with `applied`."""
+        self.sync(applied)
+        return perplexity(self.lm, self.probe.docs)
+
     def batch(self, item: tuple[int, list[EditRequest]]) -> list[dict]:
         """The batch protocol's rows of batch `b` (editors that are not split over workers)."""
         b, requests = item
         self.sync(Applied())
         [rows] = list(batch_rows(self.lm, self.editor, requests, len(requests), self.spec.method, self.dataset,
-                                 progress=False))
+                                 progress=False, probe=self.probe))
         return [{**r, "batch": b, "worker": self.name} for r in rows]
 
     def sequential(self, requests: list, batch_size: int, checkpoints, held_out: list,
@@ -110,7 +118,7 @@ class BatchWorker(ModelWorker):
         self.sync(Applied())
         bar = ray_tqdm if progress and self.in_ray else progress
         for rows in sequential_rows(self.lm, self.editor, requests, batch_size, checkpoints, held_out,
-                                    self.spec.method, self.dataset, progress=bar):
+                                    self.spec.method, self.dataset, progress=bar, probe=self.probe):
             yield [{**r, "worker": self.name} for r in rows]
 
 
@@ -132,6 +140,15 @@ class Run:
     writer: PartWriter
     progress: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    probe: Probe | None = None   # --ppl-docs: its pre-edit value is measured by a worker, on first use
+
+    def perplexity(self, applied: Applied) -> dict:
+        """The perplexity columns of the model with `applied` ({} without --ppl-docs)."""
+        if self.probe is None:
+            return {}
+        if self.probe.pre is None:
+            self.probe.pre = self.pool.call("perplexity", Applied())
+        return self.probe.columns(self.pool.call("perplexity", applied))
 
     def timed(self, kind: str, t0: float) -> None:
         self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
@@ -257,8 +274,8 @@ def _batch(run: Run, todo: list, done: set) -> None:
                                            model=model, batch=b))
             continue
         seconds = (time.perf_counter() - t0) / len(batch)
-        extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
         applied = Applied((run.pool.put(delta),))
+        extra = {**edit_meta([delta]), **checkpoint_figures([delta]), **run.perplexity(applied)}
         cases = [r for r in batch if r.case_id not in done]
         _write_scored(run, _score(run, cases, applied, pre, "post-edit scores", "eval"),
                       lambda r, post, p: case_row(r, post, p, method=method, model=model, checkpoint=len(batch),
@@ -324,10 +341,14 @@ def _sequential(run: Run, todo: list, held_out: list, checkpoints, batch_size: i
         missing = [r for r in [*done, *held_out] if (r.case_id, len(done)) not in written]
         if len(done) not in cps or not missing:
             continue
+        ppl = run.perplexity(applied)
+        extra = {**extra, **ppl}
         _write_scored(run, _score(run, missing, applied, pre, f"checkpoint {len(done)}", "eval"),
                       lambda r, post, p: case_row(r, post, p, method=method, model=model, checkpoint=len(done),
                                                   batch=b, role="edit" if r.case_id in seconds else "held_out",
                                                   seconds=seconds.get(r.case_id), extra=extra), pre, b)
+        if ppl.get("collapsed") and run.probe.stop:   # --stop-on-collapse
+            break
 
 
 def _sequential_whole(run: Run, todo: list, held_out: list, checkpoints, batch_size: int) -> None:
@@ -344,6 +365,16 @@ def _sequential_whole(run: Run, todo: list, held_out: list, checkpoints, batch_s
 def _sequential_complete(out: Path, requests, held_out, batch_size, checkpoints) -> bool:
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
     return read_results(out, ["case_id"]).num_rows == sum(c + len(held_out) for c in cps)
+
+
+def stopped_at(out: Path, held_out: int) -> int | None:
+    """The checkpoint a --stop-on-collapse run stopped at: the first flagged `collapsed` whose rows (its edits and
+    the `held_out` cases) are all written; None when there is none."""
+    if not finished_case_ids(out):
+        return None
+    table = read_results(out, ["checkpoint", "collapsed"]).to_pydict()
+    flagged = Counter(t for t, c in zip(table["checkpoint"], table["collapsed"]) if c)
+    return min((t for t, n in flagged.items() if n == t + held_out), default=None)
 
 
 def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Path,
@@ -366,7 +397,8 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
         todo = [(i, b) for i, b in all_batches if any(r.case_id not in done for r in b)]
     else:
         plan_checkpoints(len(requests), spec.batch_size, spec.checkpoints)   # bad checkpoints fail here
-        complete = _sequential_complete(out, requests, held_out, spec.batch_size, spec.checkpoints)
+        complete = _sequential_complete(out, requests, held_out, spec.batch_size, spec.checkpoints) or \
+            (spec.stop_on_collapse and stopped_at(out, len(held_out)) is not None)
         if done and not complete and not split:
             raise ValueError(f"{out} holds part of a sequential {spec.method} run, which cannot resume midway (only "
                              "MEMIT and AlphaEdit runs can); use another --out or delete that directory")
@@ -385,7 +417,7 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
             with open_pool(BatchWorker, (spec,), spec.resources, size=size) as pool, \
                     PartWriter(out) as writer:
                 share_covariances(pool, spec)
-                run = Run(pool, spec, editor, out, writer, progress)
+                run = Run(pool, spec, editor, out, writer, progress, probe=Probe.of(spec))
                 if spec.protocol == "batch":
                     (_batch if split else _batch_whole)(run, todo, done)
                 elif split:
@@ -394,6 +426,7 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
                     _sequential_whole(run, todo, list(held_out), spec.checkpoints, spec.batch_size)
                 timings = {f"{k}_s": v for k, v in run.seconds.items()}
     finally:
+        stop = {"stopped_at": stopped_at(out, len(held_out))} if spec.stop_on_collapse else {}
         summary = finish(out, requests, start, scorer_name(spec.dataset), workers=spec.resources.workers,
-                         protocol=spec.protocol, batch_size=spec.batch_size, timings=timings)
+                         protocol=spec.protocol, batch_size=spec.batch_size, timings=timings, **stop)
     return summary

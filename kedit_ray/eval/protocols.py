@@ -7,10 +7,14 @@ sequential  batches applied one after another, never reverted (`editor.commit(lm
             editors that remember earlier edits). At each checkpoint T (a multiple of B; the end of the run is
             always one) every edit made so far is scored (role "edit"), and so is a fixed held-out set of
             unrelated cases (role "held_out"), which gives TRR (kedit_ray.eval.lifelong). Pre-edit scores are
-            those of the unedited model. Rows: checkpoint = T.
+            those of the unedited model. Rows: checkpoint = T. With --stop-on-collapse the run ends after the
+            first checkpoint flagged `collapsed`.
 
 Rows carry the scorer's figures, their `pre_` twins, `checkpoint`, `role`, `batch` (index), `edit_seconds`
-(the batch's edit time over its size) and the edit's `ckpt_*` figures (`edit.meta["checkpoint"]`).
+(the batch's edit time over its size) and the edit's `ckpt_*` figures (`edit.meta["checkpoint"]`). With a
+perplexity `probe` (--ppl-docs) they also carry the model's perplexity with the batch (batch) or with every edit
+so far (sequential, at each checkpoint), the unedited model's, and `collapsed`: the same on every row measured
+on that model.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from tqdm.auto import tqdm
 
 from kedit_ray.eval import score
+from kedit_ray.eval.perplexity import Probe
 from kedit_ray.eval.summary import summarize
 from kedit_ray.models import LM
 from kedit_ray.requests import EditRequest
@@ -104,9 +109,12 @@ def edit_meta(edits: list) -> dict:
 
 
 def batch_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, method: str,
-               dataset: str = "counterfact", progress: bool | Callable = True) -> Iterator[list[dict]]:
+               dataset: str = "counterfact", progress: bool | Callable = True,
+               probe: Probe | None = None) -> Iterator[list[dict]]:
     """The batch protocol, one batch's rows at a time. A batch whose edit raises becomes error rows; the run
     goes on."""
+    if probe:
+        probe.before(lm)
     for b, batch in enumerate(bar(batches(requests, batch_size), f"batch {method}", "batch", progress)):
         pre = {r.case_id: score(dataset, lm, r) for r in batch}
         t0 = time.perf_counter()
@@ -117,7 +125,7 @@ def batch_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, met
             continue
         seconds = (time.perf_counter() - t0) / len(batch)
         try:
-            extra = {**edit_meta(edits), **checkpoint_figures(edits)}
+            extra = {**edit_meta(edits), **checkpoint_figures(edits), **(probe.after(lm) if probe else {})}
             rows = [case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
                              checkpoint=len(batch), batch=b, seconds=seconds, extra=extra) for r in batch]
         finally:
@@ -126,14 +134,14 @@ def batch_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, met
 
 
 def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, method: str,
-              dataset: str = "counterfact", progress: bool | Callable = True) -> list[dict]:
+              dataset: str = "counterfact", progress: bool | Callable = True, probe: Probe | None = None) -> list[dict]:
     """The batch protocol; returns the rows."""
-    return [r for rows in batch_rows(lm, editor, requests, batch_size, method, dataset, progress) for r in rows]
+    return [r for rows in batch_rows(lm, editor, requests, batch_size, method, dataset, progress, probe) for r in rows]
 
 
 def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
                     held_out: list[EditRequest], method: str, dataset: str = "counterfact",
-                    progress: bool | Callable = True) -> Iterator[list[dict]]:
+                    progress: bool | Callable = True, probe: Probe | None = None) -> Iterator[list[dict]]:
     """The sequential protocol, one checkpoint's rows at a time. The model is restored at the end (or when the
     generator is closed early)."""
     if overlap := {r.case_id for r in requests} & {r.case_id for r in held_out}:
@@ -141,6 +149,8 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
     todo = batches(requests, batch_size)
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
     pre = {r.case_id: score(dataset, lm, r) for r in bar([*requests, *held_out], "pre-edit scores", "case", progress)}
+    if probe:
+        probe.before(lm)
     applied, done, seconds = [], [], {}
     try:
         for b, batch in enumerate(bar(todo, f"sequential {method}", "batch", progress)):
@@ -153,11 +163,14 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
             done += batch
             if len(done) not in cps:
                 continue
-            extra = {**edit_meta(edits), **checkpoint_figures(edits)}
+            ppl = probe.after(lm) if probe else {}
+            extra = {**edit_meta(edits), **checkpoint_figures(edits), **ppl}
             yield [case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
                             checkpoint=len(done), batch=b, role=role,
                             seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None, extra=extra)
                    for role, cases in (("edit", done), ("held_out", held_out)) for r in cases]
+            if probe and probe.stop and ppl["collapsed"]:   # --stop-on-collapse
+                return
     finally:
         revert_all(lm, applied)
         if hasattr(editor, "reset"):
@@ -166,8 +179,8 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
 
 def run_sequential(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
                    held_out: list[EditRequest], method: str, dataset: str = "counterfact",
-                   progress: bool | Callable = True) -> tuple[list[dict], dict]:
+                   progress: bool | Callable = True, probe: Probe | None = None) -> tuple[list[dict], dict]:
     """The sequential protocol; returns (rows, summary). The model is restored at the end."""
     rows = [r for part in sequential_rows(lm, editor, requests, batch_size, checkpoints, held_out, method, dataset,
-                                          progress) for r in part]
+                                          progress, probe) for r in part]
     return rows, summarize(rows, dataset)

@@ -1,6 +1,6 @@
 """`kedit report`: the aggregate table of eval runs and a figure of their scores; for runs with checkpoints (batch,
-sequential protocols) also ES / PS / NS (and TRR, and portability where measured) against the number of edits, one
-line per run (labelled by its method), in lifelong.png beside the figure.
+sequential protocols) also ES / PS / NS (and TRR, portability and perplexity where measured) against the number of
+edits, one line per run (labelled by its method), in lifelong.png beside the figure.
 
 Each run's results are read once (`Run`); the table, the figure and the bootstrap intervals come from those rows.
 The figure: ES, PS, NS and S as groups of bars, one bar per run after the edit and its unedited value hatched (once,
@@ -20,7 +20,8 @@ import numpy as np
 from kedit_ray.eval.summary import SCORES, summarize
 
 COLUMNS = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("S", "score")]
-OPTIONAL = [("Port", "portability_score")]   # shown when some run has it (zsRE with portability questions)
+# shown when some run has it: zsRE with portability questions, --ppl-docs
+OPTIONAL = [("Port", "portability_score"), ("PPL", "perplexity")]
 DATASETS = {"counterfact": "CounterFact", "zsre": "zsRE"}
 
 
@@ -292,7 +293,8 @@ def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
             ax.plot(*zip(*pres[0]), linestyle=":", color="grey", label="unedited (the same cases)")
         ax.set_xlabel("edits applied")
         ax.set_title(name)
-        ax.set_ylim(0, 1.05)
+        if key != "perplexity":   # the scores are shares; perplexity has no upper bound
+            ax.set_ylim(0, 1.05)
         if len({int(t) for s in summaries.values() for t in s.get("checkpoints", {})}) > 2:
             ax.set_xscale("log")
     axes[0].legend(fontsize=8, loc="center right")

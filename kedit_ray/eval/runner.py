@@ -6,6 +6,7 @@ import time
 from kedit_ray.editors import make_editor
 from kedit_ray.eval import score
 from kedit_ray.eval.counterfact import fluency, generate
+from kedit_ray.eval.perplexity import Probe
 from kedit_ray.models import LM
 from kedit_ray.requests import EditRequest
 from kedit_ray.spec import EvalSpec
@@ -17,6 +18,7 @@ class CaseRunner:
     def __init__(self, spec: EvalSpec, lm: LM):
         self.spec, self.lm = spec, lm
         self.editor = make_editor(spec.method, spec.params)
+        self.probe = Probe.of(spec)   # --ppl-docs: the unedited model's perplexity is measured once per worker
 
     def scores(self, req: EditRequest, prefix: str = "", pre: dict | None = None) -> dict:
         out = score(self.spec.dataset, self.lm, req, pre)
@@ -26,13 +28,16 @@ class CaseRunner:
 
     def run(self, req: EditRequest) -> dict:
         pre = self.scores(req, "pre_")
+        if self.probe:
+            self.probe.before(self.lm)
         t0 = time.perf_counter()
         delta = self.editor.edit(self.lm, req)
         seconds = time.perf_counter() - t0
         with delta.applied(self.lm.model):
             post = self.scores(req, pre=pre)
+            ppl = self.probe.after(self.lm) if self.probe else {}   # general ability after the edit, collapse
         meta = delta.meta   # what the editor reports (ROME: all of these; MEMIT: no key_s)
         numeric = {k: v for k, v in {**post, **pre}.items() if not isinstance(v, list)}  # zsRE's argmax lists
-        return {"case_id": req.case_id, "method": self.spec.method, "model": self.spec.model.name, **numeric,
+        return {"case_id": req.case_id, "method": self.spec.method, "model": self.spec.model.name, **numeric, **ppl,
                 "edit_seconds": seconds, "error": None, "delta_norm": sum(delta.norms().values()),
                 **{k: meta[k] for k in ("layer", "cov", "v_steps", "key_s", "value_s", "solve_s") if k in meta}}

@@ -6,7 +6,8 @@ neighbourhood scores (ROME's S); `pre_score` is the same for the unedited model.
 
 success_rate, equivalence_accuracy and retain_accuracy (the KE paper's figures) are the shares of cases whose
 efficacy, paraphrase and neighbourhood scores are 1. portability_score (zsRE cases with a portability question)
-is averaged over the cases that have one; None when none has.
+is averaged over the cases that have one; None when none has. perplexity and pre_perplexity (--ppl-docs) are
+means too, and collapsed_count the number of edits flagged `collapsed` (None when perplexity was not measured).
 
 Rows with a `checkpoint` (batch and sequential protocols: the number of edits applied when the row was
 measured) are also summarised per checkpoint under "checkpoints" (keys are the checkpoint as a string): the
@@ -25,7 +26,7 @@ SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 CORE = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
         "neighborhood_score", "neighborhood_magnitude")
 METRICS = CORE + tuple(f"pre_{m}" for m in CORE) + ("fluency", "pre_fluency", "consistency", "portability_score",
-                                                     "pre_portability_score")
+                                                     "pre_portability_score", "perplexity", "pre_perplexity")
 # the KE paper's figures (De Cao et al. 2021): the share of cases whose score is perfect (zsRE: every target token
 # the argmax; locality: every O^x prediction unchanged)
 KE_FIGURES = {"success_rate": "efficacy_score", "equivalence_accuracy": "paraphrase_score",
@@ -97,6 +98,8 @@ def _aggregate(cols: dict[str, list]) -> dict:
     for name, col in KE_FIGURES.items():
         if col in cols:
             out[name] = mean(None if v is None or math.isnan(v) else float(v == 1) for v in ok_values(col))
+    flags = [v for v in ok_values("collapsed") if v is not None] if "collapsed" in cols else []
+    out["collapsed_count"] = sum(flags) if flags else None
     out["score"] = harmonic_mean(out.get(m) for m in SCORES)
     out["pre_score"] = harmonic_mean(out.get(f"pre_{m}") for m in SCORES)
     out["seconds_per_edit"] = mean(ok_values("edit_seconds")) if "edit_seconds" in cols else None

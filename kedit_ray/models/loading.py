@@ -53,6 +53,14 @@ class LM:
     def input_device(self) -> torch.device:
         return self.device_of(self.arch.embed)
 
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of final (normed) hidden states h [..., d]: the LM head, then the logit soft cap where
+        the model has one, in float32 (float64 kept)."""
+        logits = self.model.get_submodule(self.arch.lm_head)(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:

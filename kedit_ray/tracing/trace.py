@@ -221,11 +221,7 @@ def _restored_pass(lm: LM, run: Runs, restores: list[Restore], lo: int, t: int) 
 
 def _head_probs(lm: LM, h: torch.Tensor, r: int) -> torch.Tensor:
     """p(r) from final hidden states [rows, d]: the LM head (and the logit soft cap, where the model has one)."""
-    logits = lm.model.get_submodule(lm.arch.lm_head)(h).float()
-    cap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return _probs(logits, r)
+    return _probs(lm.head_logits(h), r)
 
 
 def restored_probs(lm: LM, run: Runs, restores: list[Restore], max_rows: int = 256) -> torch.Tensor:
