@@ -178,9 +178,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print(f"{kind}: {text!r}")
         fmt = lambda xs: ", ".join(f"{t!r} {p:.2f}" for t, p in xs)  # noqa: E731
         print(f"  before: {fmt(b)}\n  after:  {fmt(a)}")
+    print()
+    return _save(args, lm, delta)
+
+
+def _save(args: argparse.Namespace, lm, delta) -> int:
+    """--save (the delta) and --save-model (the edited model as a Hugging Face directory)."""
+    from kedit_ray import export
+
     if args.save:
-        delta.save(args.save)
-        print(f"\nsaved the delta to {args.save}")
+        print(f"saved the delta to {delta.save(args.save)}")
     if args.save_model:
         print(f"saved the edited model to {export.save_edited(lm, delta, args.save_model)}")
     return 0
@@ -200,11 +207,7 @@ def _edit_requests(args: argparse.Namespace, editor) -> int:
     lm = load(args.model, **model_kw(args))
     delta = export.edit_all(editor, lm, requests)
     print(f"{args.method.upper()}: {len(requests)} edits from {args.requests} in one delta")
-    if args.save:
-        print(f"saved the delta to {delta.save(args.save)}")
-    if args.save_model:
-        print(f"saved the edited model to {export.save_edited(lm, delta, args.save_model)}")
-    return 0
+    return _save(args, lm, delta)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
