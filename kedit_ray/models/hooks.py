@@ -94,9 +94,14 @@ def token_grid(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return x.reshape(*ids.shape[:2], x.shape[-1])
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether the module keeps W as [in, out] (GPT-2's Conv1D) rather than [out, in]."""
+    return type(module).__name__ == "Conv1D"
+
+
 def weight_of(module: nn.Module) -> torch.Tensor:
-    """W as [out, in], a view of the parameter (GPT-2's Conv1D stores it transposed)."""
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+    """W as [out, in], a view of the parameter."""
+    return module.weight.T if stores_transposed(module) else module.weight
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from collections.abc import MutableMapping
 import torch
 from torch import nn
 
-from kedit_ray.models.hooks import get_module
+from kedit_ray.models.hooks import get_module, stores_transposed
 
 
 class WeightAccessError(ValueError):
@@ -105,14 +105,10 @@ def set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
         store[full] = value.detach().to("cpu", p.dtype).contiguous().clone()
 
 
-def _conv1d(model: nn.Module, module: str) -> bool:
-    return type(get_module(model, module)).__name__ == "Conv1D"
-
-
 def weight(model: nn.Module, module: str) -> torch.Tensor:
     """W of `module` as [out, in] (read only; see `param`)."""
     w = param(model, f"{module}.weight")
-    return w.T if _conv1d(model, module) else w
+    return w.T if stores_transposed(get_module(model, module)) else w
 
 
 def bias(model: nn.Module, module: str) -> torch.Tensor | None:
@@ -122,7 +118,7 @@ def bias(model: nn.Module, module: str) -> torch.Tensor | None:
 
 def set_weight(model: nn.Module, module: str, w: torch.Tensor) -> None:
     """Set W of `module` from [out, in]."""
-    set_param(model, f"{module}.weight", w.T if _conv1d(model, module) else w)
+    set_param(model, f"{module}.weight", w.T if stores_transposed(get_module(model, module)) else w)
 
 
 def _as_device(d) -> torch.device:
