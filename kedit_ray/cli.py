@@ -47,6 +47,9 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
                    help="FT-L: ε, the bound on ||ΔW||∞ (default: 5e-4)")
     g.add_argument("--editor-checkpoint", default=None,
                    help="KE/MEND: the trained network, a `kedit train --out` directory (required for ke, mend)")
+    g.add_argument("--rome-original-key", dest="no_same_key", action="store_true",
+                   help="ROME: divide by the bare prompt's key as ROME's original code does, not by the averaged k* "
+                        "(r-ROME's fix, the default)")
     g.add_argument("--no-cov", action="store_true",
                    help="ROME/MEMIT/AlphaEdit: C = I instead of the layer statistics (results then say C = identity)")
     g.add_argument("--stats-corpus", default=None,
@@ -71,6 +74,7 @@ EDITOR_OPTIONS = {"layer": ("layer", "--layer"), "layers": ("layers", "--layers"
                   "mom2_update_weight": ("mom2_weight", "--mom2-weight"),
                   "z_module": ("z_module", "--z-module"),
                   "nullspace_threshold": ("nullspace_threshold", "--nullspace-threshold"),
+                  "same_key": ("no_same_key", "--rome-original-key"),
                   "use_cov": ("no_cov", "--no-cov"), "stats_corpus": ("stats_corpus", "--stats-corpus"),
                   "stats_samples": ("stats_samples", "--stats-samples"),
                   "stats_max_len": ("stats_max_len", "--stats-max-len"),
@@ -254,7 +258,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-invalid", action="store_true", help="report bad records and go on")
     add_ray_args(p, "eval")
     p.add_argument("--out", required=True, help="run directory: results/, summary.json, config.json")
-    p.add_argument("--fluency", action="store_true", help="also greedy-generate and score fluency (slow on CPU)")
+    p.add_argument("--fluency", action="store_true",
+                   help="also score fluency: the n-gram entropy of 50-token greedy generations (slow on CPU)")
+    p.add_argument("--generate", action="store_true",
+                   help="also score generated answers: efficacy_generated and paraphrase_generated, the share of "
+                        "prompts whose greedy continuation starts with the new target (case and spaces ignored)")
     p.add_argument("--retry-errors", action="store_true", help="rerun the cases whose rows hold an error")
     p.add_argument("--ppl-docs", type=count, default=0,
                    help="perplexity before and after the edits on the first N documents of the default stats corpus: "
@@ -314,8 +322,6 @@ def split_held_out(requests: list, limit: int | None, held_out: int | None) -> t
 
 def cmd_eval(args: argparse.Namespace) -> int:
     make_checked_editor(args)
-    if args.fluency and args.protocol != "single":
-        raise UsageError("--fluency is only measured by the single protocol")
     if args.stop_on_collapse and not (args.protocol == "sequential" and args.ppl_docs):
         raise UsageError("--stop-on-collapse needs --protocol sequential and --ppl-docs")
     if args.protocol == "sequential":
@@ -331,7 +337,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     editor_params(args), args.dataset, str(Path(args.data).resolve()), file_sha256(args.data),
                     args.fluency, args.protocol, args.batch_size, args.checkpoints, [r.case_id for r in held_out],
                     ppl_docs=args.ppl_docs, collapse_factor=args.collapse_factor,
-                    stop_on_collapse=args.stop_on_collapse, resources=Resources.from_args(args))
+                    stop_on_collapse=args.stop_on_collapse, generate=args.generate,
+                    resources=Resources.from_args(args))
     if args.protocol == "single":
         from kedit_ray.distributed.driver import run_eval
 

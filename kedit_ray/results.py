@@ -37,7 +37,8 @@ CONTRACT = pa.schema(
     + [(m, pa.float64()) for m in CORE] + [(f"pre_{m}", pa.float64()) for m in CORE]
     + [("edit_seconds", pa.float64()), ("error", pa.string())]
     + [("portability_score", pa.float64()), ("pre_portability_score", pa.float64()),    # null where not measured
-       ("perplexity", pa.float64()), ("pre_perplexity", pa.float64()), ("collapsed", pa.bool_())])
+       ("perplexity", pa.float64()), ("pre_perplexity", pa.float64()), ("collapsed", pa.bool_())]
+    + [(f"{pre}{m}_generated", pa.float64()) for pre in ("", "pre_") for m in ("efficacy", "paraphrase")])
 # Optional columns whose type is fixed whatever the first values are.
 KNOWN = {"fluency": pa.float64(), "pre_fluency": pa.float64(), "consistency": pa.float64(),
          "checkpoint": pa.int64(), "layer": pa.int64()}

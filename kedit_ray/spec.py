@@ -117,6 +117,7 @@ class EvalSpec:
     ppl_docs: int = 0                              # documents of the stats corpus for perplexity (0: not measured)
     collapse_factor: float = 2.0                   # an edit that multiplies the perplexity by more is `collapsed`
     stop_on_collapse: bool = False                 # sequential: stop at the first collapsed checkpoint
+    generate: bool = False                         # efficacy_generated, paraphrase_generated (greedy answers)
     resources: Resources = field(default_factory=Resources)
 
     def __post_init__(self):

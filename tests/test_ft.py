@@ -97,7 +97,7 @@ def test_ft_l_keeps_more_locality_than_ft_over_50_sequential_zsre_edits(gemma):
     out = {}
     for method in ("ft", "ft-l"):
         _, summary = run_sequential(gemma, make_editor(method), cases[:50], 1, None, cases[50:], method,
-                                    dataset="zsre", progress=False)
+                                    scorer="zsre", progress=False)
         out[method] = {k: summary[k] for k in ("ERR", "TRR", "neighborhood_score", "paraphrase_score")}
     print(out)
     assert out["ft-l"]["TRR"] > out["ft"]["TRR"]

@@ -223,7 +223,7 @@ def test_gemma_train_then_eval_on_unseen_zsre_cases(tmp_path, method, steps):
     cases, _ = load_requests(data, "zsre", limit=50)
     lm = load("gemma-3-270m")
     editor = make_editor(method, {"editor_checkpoint": str(out)})
-    s = summarize(run_batch(lm, editor, cases, 1, method, dataset="zsre", progress=False))
+    s = summarize(run_batch(lm, editor, cases, 1, method, scorer="zsre", progress=False))
     print(method, {k: s[k] for k in ("success_rate", "equivalence_accuracy", "retain_accuracy", "efficacy_score",
                                      "paraphrase_score", "neighborhood_score", "pre_efficacy_score")})
     assert s["errors"] == 0 and s["cases"] == 50

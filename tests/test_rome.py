@@ -40,6 +40,21 @@ def test_closed_form_maps_k_star_to_v_star(tiny_lm):
     assert d.norm() <= 4.0 * v0[0].double().norm() * (1 + (2 * len(d) + 4) * 2.0 ** -24)
 
 
+def test_original_key_divides_by_the_bare_prompts_key(tiny_lm64, one_thread):
+    """--rome-original-key (same_key=False): the same u and δ, but Λ divided by uᵀk_p, k_p the bare prompt's key, so
+    the update maps k_p (not k*) to δ; with the default, k* is. ΔW is kept in float32: relative errors ~1e-7."""
+    lm = tiny_lm64
+    k_star = compute_keys(lm, 1, [TAIL], context_prefixes(lm, 2, 4))[0].double()
+    k_p = compute_keys(lm, 1, [TAIL], [""])[0].double()
+    dw = {}
+    for same in (True, False):
+        editor = Rome(RomeParams(layer=1, n_prefixes=2, prefix_len=4, use_cov=False, same_key=same))
+        [dw[same]] = [d.double() for d in editor.edit(lm, TAIL).deltas.values()]
+    delta = dw[True] @ k_star                                                  # δ = v* − W k*
+    torch.testing.assert_close(dw[False] @ k_p, delta, rtol=1e-5, atol=1e-6 * delta.norm().item())
+    assert (dw[False] @ k_star - delta).norm() > 1e-3 * delta.norm()            # k* ≠ k_p: the two updates differ
+
+
 def test_edit_raises_target_and_reverts_bit_for_bit(tiny_lm, tmp_path):
     model = tiny_lm.model
     before = {k: v.clone() for k, v in model.state_dict().items()}

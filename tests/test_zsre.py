@@ -1,6 +1,9 @@
 """zsRE metrics on a tiny random Llama: token accuracy and locality checked by hand."""
 from __future__ import annotations
 
+import json
+
+import pyarrow.dataset as ds
 import pytest
 import torch
 
@@ -67,7 +70,7 @@ def test_every_new_editor_runs_under_both_scorers(tiny_lm, method, params):
                       ["the city of Eiffel Tower"], ["Paris"])
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     for dataset in ("counterfact", "zsre"):
-        rows = run_batch(tiny_lm, make_editor(method, params), [req], 1, method, dataset=dataset, progress=False)
+        rows = run_batch(tiny_lm, make_editor(method, params), [req], 1, method, scorer=dataset, progress=False)
         assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["method"] == method
         assert all(isinstance(rows[0][k], float) for k in ("efficacy_score", "pre_efficacy_score",
                                                             "neighborhood_score", "paraphrase_score"))
@@ -118,8 +121,8 @@ def test_portability_columns_in_batch_and_sequential_protocols(tiny_lm):
     held = EditRequest(2, "Danielle Darrieux", "The mother tongue of {} is", "English", "French",
                        portability_prompts=["Where is the"], portability_answers=["London"])
     editor = make_editor("ft", {"layer": 1, "steps": 3})
-    rows = run_batch(tiny_lm, editor, [a, b], 1, "ft", dataset="zsre", progress=False)
-    seq, summary = run_sequential(tiny_lm, editor, [a, b], 1, None, [held], "ft", dataset="zsre", progress=False)
+    rows = run_batch(tiny_lm, editor, [a, b], 1, "ft", scorer="zsre", progress=False)
+    seq, summary = run_sequential(tiny_lm, editor, [a, b], 1, None, [held], "ft", scorer="zsre", progress=False)
     for r in [*rows, *seq]:
         port = r["case_id"] != 1
         for key in ("portability_score", "pre_portability_score"):
@@ -182,23 +185,31 @@ def test_kedit_eval_zsre_portability_end_to_end(tmp_path, tiny_dir, capsys):
 
 
 @pytest.mark.slow
-def test_rome_portability_on_20_records_on_gemma(gemma):
-    """ROME (its defaults, C computed on first use) on the first 20 records of zsre_portability.json: every row has
-    both portability figures, within [0, 1]."""
+def test_rome_on_20_portability_records_gives_every_new_column(tmp_path, capsys):
+    """The issue's check: `kedit eval` with ROME's defaults (C computed on first use) on the first 20 records of
+    zsre_portability.json with --ppl-docs 5 --generate: every new column in every row, non-null, within range."""
     from conftest import data_file
-    from kedit_ray.datasets import load_requests
-    from kedit_ray.editors import make_editor
-    from kedit_ray.eval.protocols import run_batch
-    from kedit_ray.eval.summary import summarize
 
-    cases, _ = load_requests(data_file("zsre_portability.json"), dataset="zsre", limit=20)
-    rows = run_batch(gemma, make_editor("rome", {}), cases, 1, "rome", dataset="zsre", progress=False)
+    from kedit_ray.cli import main
+
+    out = tmp_path / "o"
+    assert main(["eval", "--method", "rome", "--dataset", "zsre", "--data", str(data_file("zsre_portability.json")),
+                 "--limit", "20", "--ppl-docs", "5", "--generate", "--out", str(out)]) == 0
+    rows = ds.dataset(str(out / "results")).to_table().to_pylist()
     assert len(rows) == 20 and all(r["error"] is None for r in rows)
+    shares = [f"{pre}{m}" for pre in ("", "pre_") for m in ("portability_score", "efficacy_generated",
+                                                              "paraphrase_generated")]
     for r in rows:
-        for key in ("portability_score", "pre_portability_score"):
+        for key in shares:
             assert r[key] is not None and 0 <= r[key] <= 1, (r["case_id"], key, r[key])
-    s = summarize(rows, "zsre")
-    print(f"ROME, 20 zsRE portability records: portability {s['pre_portability_score']:.3f} → "
-          f"{s['portability_score']:.3f}, ES {s['pre_efficacy_score']:.3f} → {s['efficacy_score']:.3f}, "
-          f"{s['seconds_per_edit']:.1f} s/edit")
+        assert 1 < r["pre_perplexity"] < 1e4 and 1 < r["perplexity"] < 1e4, r["case_id"]
+        assert r["collapsed"] == (r["perplexity"] > 2 * r["pre_perplexity"])
+    s = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    print(f"ROME, 20 zsRE portability records: ES {s['pre_efficacy_score']:.3f} → {s['efficacy_score']:.3f} "
+          f"(generated {s['pre_efficacy_generated']:.3f} → {s['efficacy_generated']:.3f}), PS "
+          f"{s['pre_paraphrase_score']:.3f} → {s['paraphrase_score']:.3f} (generated "
+          f"{s['pre_paraphrase_generated']:.3f} → {s['paraphrase_generated']:.3f}), portability "
+          f"{s['pre_portability_score']:.3f} → {s['portability_score']:.3f}, perplexity {s['pre_perplexity']:.2f} → "
+          f"{s['perplexity']:.2f}, collapsed {s['collapsed_count']}, {s['seconds_per_edit']:.1f} s/edit")
     assert s["efficacy_score"] >= 0.8

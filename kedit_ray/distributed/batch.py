@@ -41,7 +41,7 @@ from kedit_ray.distributed.pool import Lost, PoolError, open_pool
 from kedit_ray.distributed.worker import Applied, ModelWorker
 from kedit_ray.editors import Delta, make_editor
 from kedit_ray.editors.memit import spread
-from kedit_ray.eval import score, scorer_name
+from kedit_ray.eval import Scorer, scorer_name
 from kedit_ray.eval.perplexity import Probe, perplexity
 from kedit_ray.eval.protocols import (batch_rows, batches, case_row, checkpoint_figures, edit_meta, error_rows,
                                       plan_checkpoints, sequential_rows)
@@ -66,7 +66,7 @@ class BatchWorker(ModelWorker):
         super().__init__(spec.model, index, cpus, gpus)
         self.spec = spec
         self.editor = make_editor(spec.method, spec.params)
-        self.dataset = scorer_name(spec.dataset)
+        self.scorer = Scorer.of(spec)   # the dataset's figures, --generate, --fluency
         self.in_ray = gpus is None
         self.probe = Probe.of(spec)   # --ppl-docs
         if hasattr(self.editor, "prefixes"):   # the context prefixes come from the unedited model, as in one process
@@ -95,7 +95,7 @@ class BatchWorker(ModelWorker):
     def scores(self, cases: list[tuple[EditRequest, dict | None]], applied: Applied) -> tuple[str, list[dict]]:
         """(this worker's name, the scores of each (request, its pre-edit scores or None)) with `applied`."""
         self.sync(applied)
-        return self.name, [score(self.dataset, self.lm, r, pre) for r, pre in cases]
+        return self.name, [self.scorer(self.lm, r, pre) for r, pre in cases]
 
     def perplexity(self, applied: Applied) -> float:
         """The perplexity (--ppl-docs) of the model with `applied`."""
@@ -106,7 +106,7 @@ class BatchWorker(ModelWorker):
         """The batch protocol's rows of batch `b` (editors that are not split over workers)."""
         b, requests = item
         self.sync(Applied())
-        [rows] = list(batch_rows(self.lm, self.editor, requests, len(requests), self.spec.method, self.dataset,
+        [rows] = list(batch_rows(self.lm, self.editor, requests, len(requests), self.spec.method, self.scorer,
                                  progress=False, probe=self.probe))
         return [{**r, "batch": b, "worker": self.name} for r in rows]
 
@@ -118,7 +118,7 @@ class BatchWorker(ModelWorker):
         self.sync(Applied())
         bar = ray_tqdm if progress and self.in_ray else progress
         for rows in sequential_rows(self.lm, self.editor, requests, batch_size, checkpoints, held_out,
-                                    self.spec.method, self.dataset, progress=bar, probe=self.probe):
+                                    self.spec.method, self.scorer, progress=bar, probe=self.probe):
             yield [{**r, "worker": self.name} for r in rows]
 
 

@@ -3,6 +3,11 @@
     W' = W + Λ (C⁻¹ k*)ᵀ,   Λ = (v* − W k*) / ((C⁻¹ k*)ᵀ k*)
 
 so that W' k* = v*. C = E[k kᵀ] over a text corpus (the layer statistics), or I without them.
+
+k* is the key averaged over the prompt and its context prefixes, the same in Λ's numerator (δ = v* − W k*), its
+denominator and u: r-ROME's fix (Gupta et al. 2024, arXiv 2403.07175). ROME's original code divides by the bare
+prompt's key k_p instead, (C⁻¹ k*)ᵀ k_p, which r-ROME finds behind the "disabling edits" that collapse sequential
+editing; `same_key=False` reproduces it for comparison (README, "Sequential ROME").
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class RomeParams(CovParams):           # C: the layer statistics (covariance.py)
     layer: int | None = None           # None: the per-model default, else a third of the way up
     n_prefixes: int = 5                # generated context prefixes for k* and v* (plus the bare prompt)
     prefix_len: int = 10
+    same_key: bool = True              # r-ROME: k* in Λ's denominator too; False: ROME's original k_p there
     values: ValueParams = field(default_factory=ValueParams)
 
     @classmethod
@@ -73,11 +79,12 @@ class Rome(UsesCovariance):
         prefixes = context_prefixes(lm, self.hp.n_prefixes, self.hp.prefix_len)
         t1 = time.perf_counter()
         k = compute_keys(lm, layer, [request], prefixes)[0]                       # k*
+        k_den = k if self.hp.same_key else compute_keys(lm, layer, [request], [""])[0]   # k* or k_p
         t2 = time.perf_counter()
         values = value_params(lm, self.hp.values)
         v0, delta, info = optimize_values(lm, layer, [request], prefixes, k[None], values)
         t3 = time.perf_counter()
-        dw = rank_one(k.double(), delta[0].double(), None if c is None else c.to(k.device))
+        dw = rank_one(k.double(), delta[0].double(), None if c is None else c.to(k.device), k_den.double())
         t4 = time.perf_counter()
         timings = {"setup_s": t1 - t0, "key_s": t2 - t1, "value_s": t3 - t2, "solve_s": t4 - t3}
         name = lm.arch.name("mlp_out", layer)
@@ -86,8 +93,10 @@ class Rome(UsesCovariance):
             "case_id": request.case_id, "params": {**asdict(self.hp), "values": asdict(values)}, **info, **timings})
 
 
-def rank_one(k: torch.Tensor, lam_dir: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-    """ΔW = Λ uᵀ with u = C⁻¹ k*, Λ = δ / (uᵀ k*), where δ = v* − W k*. In float64."""
+def rank_one(k: torch.Tensor, lam_dir: torch.Tensor, c: torch.Tensor | None,
+             k_den: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW = Λ uᵀ with u = C⁻¹ k*, Λ = δ / (uᵀ k*), where δ = v* − W k*; `k_den` replaces k* in the denominator
+    (ROME's original code: the bare prompt's key). In float64."""
     u = k if c is None else torch.linalg.solve(c.double(), k)
-    lam = lam_dir / (u @ k)
+    lam = lam_dir / (u @ (k if k_den is None else k_den))
     return torch.outer(lam, u)

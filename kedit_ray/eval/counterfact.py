@@ -70,16 +70,3 @@ def ngram_entropy(text: str, n: int) -> float:
 def fluency(texts: list[str]) -> float:
     """Weighted n-gram entropy (bigrams 2/3, trigrams 4/3), averaged over generations."""
     return sum(2 / 3 * ngram_entropy(t, 2) + 4 / 3 * ngram_entropy(t, 3) for t in texts) / max(len(texts), 1)
-
-
-@torch.no_grad()
-def generate(lm: LM, prompts: list[str], max_new_tokens: int = 50) -> list[str]:
-    """Greedy generations with a KV cache (left-padded batch)."""
-    lm.tok.padding_side = "left"
-    try:
-        enc = lm.tok(prompts, return_tensors="pt", padding=True).to(lm.input_device)
-    finally:
-        lm.tok.padding_side = "right"
-    out = lm.model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True,
-                            pad_token_id=lm.tok.pad_token_id)
-    return lm.tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)

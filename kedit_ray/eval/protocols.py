@@ -10,7 +10,8 @@ sequential  batches applied one after another, never reverted (`editor.commit(lm
             those of the unedited model. Rows: checkpoint = T. With --stop-on-collapse the run ends after the
             first checkpoint flagged `collapsed`.
 
-Rows carry the scorer's figures, their `pre_` twins, `checkpoint`, `role`, `batch` (index), `edit_seconds`
+`scorer` is a Scorer (the dataset's figures, --generate, --fluency) or a dataset's name. Rows carry its figures,
+their `pre_` twins, `checkpoint`, `role`, `batch` (index), `edit_seconds`
 (the batch's edit time over its size) and the edit's `ckpt_*` figures (`edit.meta["checkpoint"]`). With a
 perplexity `probe` (--ppl-docs) they also carry the model's perplexity with the batch (batch) or with every edit
 so far (sequential, at each checkpoint), the unedited model's, and `collapsed`: the same on every row measured
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from kedit_ray.eval import score
+from kedit_ray.eval import Scorer
 from kedit_ray.eval.perplexity import Probe
 from kedit_ray.eval.summary import summarize
 from kedit_ray.models import LM
@@ -109,14 +110,15 @@ def edit_meta(edits: list) -> dict:
 
 
 def batch_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, method: str,
-               dataset: str = "counterfact", progress: bool | Callable = True,
+               scorer: Scorer | str = "counterfact", progress: bool | Callable = True,
                probe: Probe | None = None) -> Iterator[list[dict]]:
     """The batch protocol, one batch's rows at a time. A batch whose edit raises becomes error rows; the run
     goes on."""
+    scorer = Scorer.of(scorer)
     if probe:
         probe.before(lm)
     for b, batch in enumerate(bar(batches(requests, batch_size), f"batch {method}", "batch", progress)):
-        pre = {r.case_id: score(dataset, lm, r) for r in batch}
+        pre = {r.case_id: scorer(lm, r) for r in batch}
         t0 = time.perf_counter()
         try:
             edits = apply_batch(lm, editor, batch)
@@ -126,7 +128,7 @@ def batch_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, met
         seconds = (time.perf_counter() - t0) / len(batch)
         try:
             extra = {**edit_meta(edits), **checkpoint_figures(edits), **(probe.after(lm) if probe else {})}
-            rows = [case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
+            rows = [case_row(r, scorer(lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
                              checkpoint=len(batch), batch=b, seconds=seconds, extra=extra) for r in batch]
         finally:
             revert_all(lm, edits)
@@ -134,21 +136,23 @@ def batch_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, met
 
 
 def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, method: str,
-              dataset: str = "counterfact", progress: bool | Callable = True, probe: Probe | None = None) -> list[dict]:
+              scorer: Scorer | str = "counterfact", progress: bool | Callable = True,
+              probe: Probe | None = None) -> list[dict]:
     """The batch protocol; returns the rows."""
-    return [r for rows in batch_rows(lm, editor, requests, batch_size, method, dataset, progress, probe) for r in rows]
+    return [r for rows in batch_rows(lm, editor, requests, batch_size, method, scorer, progress, probe) for r in rows]
 
 
 def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
-                    held_out: list[EditRequest], method: str, dataset: str = "counterfact",
+                    held_out: list[EditRequest], method: str, scorer: Scorer | str = "counterfact",
                     progress: bool | Callable = True, probe: Probe | None = None) -> Iterator[list[dict]]:
     """The sequential protocol, one checkpoint's rows at a time. The model is restored at the end (or when the
     generator is closed early)."""
     if overlap := {r.case_id for r in requests} & {r.case_id for r in held_out}:
         raise ValueError(f"held-out cases must not be edited; both hold case_ids {sorted(overlap)[:10]}")
+    scorer = Scorer.of(scorer)
     todo = batches(requests, batch_size)
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
-    pre = {r.case_id: score(dataset, lm, r) for r in bar([*requests, *held_out], "pre-edit scores", "case", progress)}
+    pre = {r.case_id: scorer(lm, r) for r in bar([*requests, *held_out], "pre-edit scores", "case", progress)}
     if probe:
         probe.before(lm)
     applied, done, seconds = [], [], {}
@@ -165,7 +169,7 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
                 continue
             ppl = probe.after(lm) if probe else {}
             extra = {**edit_meta(edits), **checkpoint_figures(edits), **ppl}
-            yield [case_row(r, score(dataset, lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
+            yield [case_row(r, scorer(lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
                             checkpoint=len(done), batch=b, role=role,
                             seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None, extra=extra)
                    for role, cases in (("edit", done), ("held_out", held_out)) for r in cases]
@@ -178,9 +182,9 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
 
 
 def run_sequential(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
-                   held_out: list[EditRequest], method: str, dataset: str = "counterfact",
+                   held_out: list[EditRequest], method: str, scorer: Scorer | str = "counterfact",
                    progress: bool | Callable = True, probe: Probe | None = None) -> tuple[list[dict], dict]:
     """The sequential protocol; returns (rows, summary). The model is restored at the end."""
-    rows = [r for part in sequential_rows(lm, editor, requests, batch_size, checkpoints, held_out, method, dataset,
+    rows = [r for part in sequential_rows(lm, editor, requests, batch_size, checkpoints, held_out, method, scorer,
                                           progress, probe) for r in part]
-    return rows, summarize(rows, dataset)
+    return rows, summarize(rows, Scorer.of(scorer).dataset)

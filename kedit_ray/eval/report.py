@@ -20,8 +20,9 @@ import numpy as np
 from kedit_ray.eval.summary import SCORES, summarize
 
 COLUMNS = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("S", "score")]
-# shown when some run has it: zsRE with portability questions, --ppl-docs
-OPTIONAL = [("Port", "portability_score"), ("PPL", "perplexity")]
+# shown when some run has it: zsRE with portability questions, --ppl-docs, --generate (beside ES and PS)
+OPTIONAL = [("ES gen", "efficacy_generated"), ("PS gen", "paraphrase_generated"), ("Port", "portability_score"),
+            ("PPL", "perplexity")]
 DATASETS = {"counterfact": "CounterFact", "zsre": "zsRE"}
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import time
 
 from kedit_ray.editors import make_editor
-from kedit_ray.eval import score
-from kedit_ray.eval.counterfact import fluency, generate
+from kedit_ray.eval import Scorer
 from kedit_ray.eval.perplexity import Probe
 from kedit_ray.models import LM
 from kedit_ray.requests import EditRequest
@@ -18,13 +17,11 @@ class CaseRunner:
     def __init__(self, spec: EvalSpec, lm: LM):
         self.spec, self.lm = spec, lm
         self.editor = make_editor(spec.method, spec.params)
+        self.scorer = Scorer.of(spec)   # the dataset's figures, --generate, --fluency
         self.probe = Probe.of(spec)   # --ppl-docs: the unedited model's perplexity is measured once per worker
 
     def scores(self, req: EditRequest, prefix: str = "", pre: dict | None = None) -> dict:
-        out = score(self.spec.dataset, self.lm, req, pre)
-        if self.spec.fluency:
-            out["fluency"] = fluency(generate(self.lm, [req.text, *req.paraphrase_prompts]))
-        return {prefix + k: v for k, v in out.items()}
+        return {prefix + k: v for k, v in self.scorer(self.lm, req, pre).items()}
 
     def run(self, req: EditRequest) -> dict:
         pre = self.scores(req, "pre_")

@@ -8,6 +8,7 @@ success_rate, equivalence_accuracy and retain_accuracy (the KE paper's figures) 
 efficacy, paraphrase and neighbourhood scores are 1. portability_score (zsRE cases with a portability question)
 is averaged over the cases that have one; None when none has. perplexity and pre_perplexity (--ppl-docs) are
 means too, and collapsed_count the number of edits flagged `collapsed` (None when perplexity was not measured).
+efficacy_generated and paraphrase_generated (--generate) follow their teacher-forced twins.
 
 Rows with a `checkpoint` (batch and sequential protocols: the number of edits applied when the row was
 measured) are also summarised per checkpoint under "checkpoints" (keys are the checkpoint as a string): the
@@ -25,8 +26,13 @@ from kedit_ray.eval.lifelong import err, trr
 SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 CORE = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
         "neighborhood_score", "neighborhood_magnitude")
-METRICS = CORE + tuple(f"pre_{m}" for m in CORE) + ("fluency", "pre_fluency", "consistency", "portability_score",
-                                                     "pre_portability_score", "perplexity", "pre_perplexity")
+# --generate's figures sit beside the teacher-forced ones they are compared with
+SIDE_BY_SIDE = ("efficacy_score", "efficacy_generated", "efficacy_magnitude",
+                "paraphrase_score", "paraphrase_generated", "paraphrase_magnitude",
+                "neighborhood_score", "neighborhood_magnitude")
+METRICS = SIDE_BY_SIDE + tuple(f"pre_{m}" for m in SIDE_BY_SIDE) + (
+    "fluency", "pre_fluency", "consistency", "portability_score", "pre_portability_score", "perplexity",
+    "pre_perplexity")
 # the KE paper's figures (De Cao et al. 2021): the share of cases whose score is perfect (zsRE: every target token
 # the argmax; locality: every O^x prediction unchanged)
 KE_FIGURES = {"success_rate": "efficacy_score", "equivalence_accuracy": "paraphrase_score",
