@@ -50,6 +50,9 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rome-original-key", dest="no_same_key", action="store_true",
                    help="ROME: divide by the bare prompt's key as ROME's original code does, not by the averaged k* "
                         "(r-ROME's fix, the default)")
+    g.add_argument("--rome-keep-edits", dest="keep_edits", action="store_true", default=None,
+                   help="ROME, sequential protocol: each update leaves the keys of the edits made before unchanged "
+                        "(ΔW k_i = 0), so they stay edited")
     g.add_argument("--no-cov", action="store_true",
                    help="ROME/MEMIT/AlphaEdit: C = I instead of the layer statistics (results then say C = identity)")
     g.add_argument("--stats-corpus", default=None,
@@ -75,6 +78,7 @@ EDITOR_OPTIONS = {"layer": ("layer", "--layer"), "layers": ("layers", "--layers"
                   "z_module": ("z_module", "--z-module"),
                   "nullspace_threshold": ("nullspace_threshold", "--nullspace-threshold"),
                   "same_key": ("no_same_key", "--rome-original-key"),
+                  "keep_edits": ("keep_edits", "--rome-keep-edits"),
                   "use_cov": ("no_cov", "--no-cov"), "stats_corpus": ("stats_corpus", "--stats-corpus"),
                   "stats_samples": ("stats_samples", "--stats-samples"),
                   "stats_max_len": ("stats_max_len", "--stats-max-len"),

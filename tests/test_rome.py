@@ -55,6 +55,49 @@ def test_original_key_divides_by_the_bare_prompts_key(tiny_lm64, one_thread):
     assert (dw[False] @ k_star - delta).norm() > 1e-3 * delta.norm()            # k* ≠ k_p: the two updates differ
 
 
+def test_rank_one_with_kept_keys_is_the_c_smallest_update_that_leaves_them(one_thread):
+    """Float64, a random C: ΔW k* = δ and ΔW k_i = 0 for the kept keys; no other rank-one update δ u'ᵀ meeting both
+    has a smaller u'ᵀ C u'; with no kept key it is ROME's u = C⁻¹k* / (k*ᵀC⁻¹k*). Errors are bounded by κ(AᵀC⁻¹A)
+    times a few ulps, far below the 1e-8 asserted."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 16, 5
+    a = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+    c = a @ a.T / (2 * d)
+    k, delta = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    kept = torch.randn(n, d, generator=g, dtype=torch.float64)
+    dw = rank_one(k, delta, c, kept=kept)
+    scale = dw.norm() * k.norm()
+    assert (dw @ k - delta).norm() <= 1e-8 * scale and (dw @ kept.T).norm() <= 1e-8 * scale
+    u = dw[0] / delta[0]
+    basis = torch.linalg.svd(torch.cat([k[None], kept])).Vh[n + 1:]            # directions keeping uᵀk*, uᵀk_i
+    for _ in range(5):
+        other = u + torch.randn(d - n - 1, generator=g, dtype=torch.float64) @ basis
+        assert other @ c @ other >= u @ c @ u * (1 - 1e-12)
+    plain = torch.linalg.solve(c, k) / (k @ torch.linalg.solve(c, k))
+    torch.testing.assert_close(rank_one(k, delta, c), torch.outer(delta, plain), rtol=1e-10, atol=0)
+
+
+def test_keep_edits_leaves_the_committed_edits_keys(tiny_lm64, one_thread):
+    """Sequentially (commit after each edit), a later update maps an earlier edit's k* to ~0, so W' k_1 = v_1* holds
+    after the second edit; without keep_edits it does not; reset() forgets the keys."""
+    lm = tiny_lm64
+    second = EditRequest(2, "Eiffel Tower", "the city of {}", "Rome", "Paris")
+    prefixes = context_prefixes(lm, 2, 4)
+    k1 = compute_keys(lm, 1, [TAIL], prefixes)[0].double()
+    moved = {}
+    for keep in (True, False):
+        editor = Rome(RomeParams(layer=1, n_prefixes=2, prefix_len=4, use_cov=False, keep_edits=keep))
+        first = editor.edit(lm, TAIL)
+        with first.applied(lm.model):
+            editor.commit(lm, [TAIL])
+            assert len(editor.kept) == (1 if keep else 0)
+            [dw] = editor.edit(lm, second).deltas.values()
+        moved[keep] = ((dw.double() @ k1).norm() / (dw.double().norm() * k1.norm())).item()
+        editor.reset()
+        assert editor.kept == []
+    assert moved[True] < 1e-5 < 1e-2 < moved[False]   # ΔW is kept in float32: d · 2⁻²⁴ ≈ 4e-6 at most
+
+
 def test_edit_raises_target_and_reverts_bit_for_bit(tiny_lm, tmp_path):
     model = tiny_lm.model
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -8,6 +8,13 @@ k* is the key averaged over the prompt and its context prefixes, the same in Λ'
 denominator and u: r-ROME's fix (Gupta et al. 2024, arXiv 2403.07175). ROME's original code divides by the bare
 prompt's key k_p instead, (C⁻¹ k*)ᵀ k_p, which r-ROME finds behind the "disabling edits" that collapse sequential
 editing; `same_key=False` reproduces it for comparison (README, "Sequential ROME").
+
+keep_edits (sequential editing): the update must also leave the keys K = [k_1 … k_n] of the edits committed before
+unchanged, ΔW K = 0, so W' k_i = v_i* still holds for them. The C-smallest such rank-one update is ΔW = Λ uᵀ with
+
+    u = C⁻¹ A (Aᵀ C⁻¹ A)⁻¹ e₁,   A = [k*, k_1 … k_n]   (uᵀ k* = 1, uᵀ k_i = 0),
+
+which is u = C⁻¹ k* / (k*ᵀ C⁻¹ k*) when there are none: ROME's own update.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ class RomeParams(CovParams):           # C: the layer statistics (covariance.py)
     n_prefixes: int = 5                # generated context prefixes for k* and v* (plus the bare prompt)
     prefix_len: int = 10
     same_key: bool = True              # r-ROME: k* in Λ's denominator too; False: ROME's original k_p there
+    keep_edits: bool = False           # sequential: ΔW k_i = 0 for the keys of the edits committed before
     values: ValueParams = field(default_factory=ValueParams)
 
     @classmethod
@@ -63,6 +71,7 @@ class Rome(UsesCovariance):
 
     def __init__(self, params: RomeParams | None = None):
         self.hp = params or RomeParams()
+        self.kept: list[torch.Tensor] = []   # keep_edits: k* of the committed edits, float64 on the CPU
 
     def layer(self, lm: LM) -> int:
         return check_layer(lm.model, self.hp.layer if self.hp.layer is not None else default_layer(lm))
@@ -84,19 +93,37 @@ class Rome(UsesCovariance):
         values = value_params(lm, self.hp.values)
         v0, delta, info = optimize_values(lm, layer, [request], prefixes, k[None], values)
         t3 = time.perf_counter()
-        dw = rank_one(k.double(), delta[0].double(), None if c is None else c.to(k.device), k_den.double())
+        kept = torch.stack(self.kept).to(k.device) if self.kept else None
+        dw = rank_one(k.double(), delta[0].double(), None if c is None else c.to(k.device), k_den.double(), kept)
         t4 = time.perf_counter()
         timings = {"setup_s": t1 - t0, "key_s": t2 - t1, "value_s": t3 - t2, "solve_s": t4 - t3}
         name = lm.arch.name("mlp_out", layer)
         return Delta({name: dw.float()}, {   # float32; Delta.apply casts W + ΔW once to W's dtype
             "method": self.name, "model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "cov": c_label,
-            "case_id": request.case_id, "params": {**asdict(self.hp), "values": asdict(values)}, **info, **timings})
+            "case_id": request.case_id, "kept_keys": len(self.kept),
+            "params": {**asdict(self.hp), "values": asdict(values)}, **info, **timings})
+
+    def commit(self, lm: LM, requests: list[EditRequest]) -> None:
+        """Sequential protocol: these requests' edits are applied for good; with keep_edits, later updates leave
+        their keys alone. (Keys at the edited layer do not depend on its down_proj, so the edited model gives them.)"""
+        if self.hp.keep_edits:
+            prefixes = context_prefixes(lm, self.hp.n_prefixes, self.hp.prefix_len)
+            self.kept += list(compute_keys(lm, self.layer(lm), requests, prefixes).double().cpu())
+
+    def reset(self) -> None:
+        """Forget the committed edits' keys."""
+        self.kept.clear()
 
 
-def rank_one(k: torch.Tensor, lam_dir: torch.Tensor, c: torch.Tensor | None,
-             k_den: torch.Tensor | None = None) -> torch.Tensor:
-    """ΔW = Λ uᵀ with u = C⁻¹ k*, Λ = δ / (uᵀ k*), where δ = v* − W k*; `k_den` replaces k* in the denominator
-    (ROME's original code: the bare prompt's key). In float64."""
-    u = k if c is None else torch.linalg.solve(c.double(), k)
+def rank_one(k: torch.Tensor, lam_dir: torch.Tensor, c: torch.Tensor | None, k_den: torch.Tensor | None = None,
+             kept: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW = Λ uᵀ, Λ = δ / (uᵀ k*) with δ = v* − W k*, and u = C⁻¹ k* or, with `kept` keys [n, d] to leave unchanged,
+    C⁻¹ A (Aᵀ C⁻¹ A)⁻¹ e₁ for A = [k*, kept] (the module docstring). `k_den` replaces k* in Λ's denominator (ROME's
+    original code: the bare prompt's key). In float64."""
+    a = k[:, None] if kept is None else torch.cat([k[:, None], kept.T], 1)
+    ci_a = a if c is None else torch.linalg.solve(c.double(), a)                  # C⁻¹ A
+    e1 = torch.zeros(a.shape[1], 1, dtype=a.dtype, device=a.device)
+    e1[0] = 1
+    u = (ci_a @ torch.linalg.lstsq(a.T @ ci_a, e1).solution)[:, 0]
     lam = lam_dir / (u @ (k if k_den is None else k_den))
     return torch.outer(lam, u)
