@@ -151,7 +151,7 @@ def test_grace_50_sequential_zsre_edits_on_gemma(gemma):
 
     from conftest import data_file
 
-    cases, _ = load_requests(data_file("zsre_mend_train-1k.json"), scorer="zsre", limit=80)
+    cases, _ = load_requests(data_file("zsre_mend_train-1k.json"), "zsre", limit=80)
     rows, summary = run_sequential(gemma, Grace(), cases[:50], 1, [10, 50], cases[50:], "grace", scorer="zsre",
                                    progress=False)
     last = summary["checkpoints"]["50"]

@@ -219,13 +219,70 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
         table = read_results(out)
         by_checkpoint = Counter(table["checkpoint"].to_pylist())
         assert by_checkpoint == {2: 2 + 2, 4: 4 + 2} and len(set(table["worker"].to_pylist())) == 1
-        write_part(next((out / "results").glob("part-*")), table.filter(pc.equal(table["checkpoint"], 2)))
-        assert main(["eval", "--method", "rome", "--model", str(tiny_dir), "--data", str(data), "--limit", "4",
-                     "--layer", "1", "--no-cov", "--v-steps", "4", "--out", str(out), "--protocol", "sequential",
-                     "--batch-size", "1", "--checkpoints", "2", "--held-out", "2"]) == 2
-        assert "cannot resume midway" in capsys.readouterr().err
+        assert (out / "run_state.safetensors").exists()   # handed back by the worker, written by the driver
     finally:
         ray.shutdown()
+
+
+def test_sequential_rome_resumes_midway(tmp_path, tiny_dir, monkeypatch, capsys):
+    """A sequential ROME run (whole on one worker) cut short after its third edit goes on from the state saved
+    after it: Σ ΔW (W bit for bit) and the kept keys of --rome-keep-edits, so every row equals an uninterrupted
+    run's exactly. A saved point whose checkpoint lacks rows is scored again; a GRACE run, which saves no state,
+    still refuses to resume."""
+    import pyarrow.compute as pc
+
+    from kedit_ray.cli import main
+    from kedit_ray.eval.resume import RunState
+    from kedit_ray.results import read_results, write_part
+
+    data = tmp_path / "cases.jsonl"
+    data.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in cases(6)))
+
+    def argv(out, method="rome") -> list[str]:
+        flags = ["--layer", "1", *(["--no-cov", "--v-steps", "4", "--rome-keep-edits"] if method == "rome"
+                                   else ["--eps-init", "1.0"])]
+        return ["eval", "--method", method, "--model", str(tiny_dir), "--data", str(data), "--limit", "4", *flags,
+                "--out", str(out), "--protocol", "sequential", "--batch-size", "1", "--checkpoints", "2",
+                "--held-out", "2", "--workers", "1"]
+
+    def rows(out) -> list:
+        t = read_results(out).sort_by([("checkpoint", "ascending"), ("case_id", "ascending")])
+        return list(zip(*(t[c].to_pylist() for c in ("case_id", "checkpoint", "role", "efficacy_magnitude",
+                                                      "paraphrase_magnitude", "neighborhood_magnitude"))))
+
+    assert main(argv(tmp_path / "whole")) == 0
+    out = tmp_path / "cut"
+    real, calls = Rome.edit, []
+
+    def cut(self, lm, request):
+        calls.append(request.case_id)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, lm, request)
+
+    with monkeypatch.context() as m:
+        m.setattr(Rome, "edit", cut)
+        assert main(argv(out)) == 130
+    n, deltas, own, _ = RunState(out).read([[r] for r in cases(4)])
+    assert n == 3 and own["kept"].shape == (3, 64) and list(deltas) == ["model.layers.1.mlp.down_proj"]
+    capsys.readouterr()
+    assert main(argv(out)) == 0
+    assert "resuming: 3 of 4 batches already applied" in capsys.readouterr().out
+    assert rows(out) == rows(tmp_path / "whole") and len(rows(out)) == (2 + 2) + (4 + 2)
+    table = read_results(out)
+    for p in (out / "results").glob("part-*"):
+        p.unlink()
+    write_part(out / "results" / "part-0.parquet", table.filter(pc.equal(table["checkpoint"], 2)))
+    assert main(argv(out)) == 0   # the saved point (4 edits) is the last checkpoint: scored again
+    assert rows(out) == rows(tmp_path / "whole")
+    grace = tmp_path / "grace"
+    assert main(argv(grace, "grace")) == 0 and not (grace / "run_state.safetensors").exists()
+    table = read_results(grace)
+    for p in (grace / "results").glob("part-*"):
+        p.unlink()
+    write_part(grace / "results" / "part-0.parquet", table.filter(pc.equal(table["checkpoint"], 2)))
+    capsys.readouterr()
+    assert main(argv(grace, "grace")) == 2 and "no run state to resume from" in capsys.readouterr().err
 
 
 def test_report_plots_scores_against_edits(tmp_path):

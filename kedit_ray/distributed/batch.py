@@ -20,8 +20,8 @@ Rows are written as they are scored. Resume (files in kedit_ray.eval.resume): th
 in OUT/pre_scores.json; the batch protocol skips the cases that have rows (a batch is edited again if some of its
 cases lack one, and only those are written) and reads back the z a cut-short batch had saved; a sequential
 MEMIT-family run saves Σ ΔW and the solver's state after each batch (OUT/run_state.safetensors) and resumes from
-there, with the z its next batch had saved (OUT/z/batch-B/). A sequential run whole on one worker cannot resume
-midway, but keeps the checkpoints it finished.
+there, with the z its next batch had saved (OUT/z/batch-B/). A sequential run whole on one worker saves the same
+file after each batch (Σ ΔW and the editor's own state, from the worker) and resumes from it too.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ from kedit_ray.editors import Delta, make_editor
 from kedit_ray.editors.memit import spread
 from kedit_ray.eval import Scorer, scorer_name
 from kedit_ray.eval.perplexity import Probe, perplexity
-from kedit_ray.eval.protocols import (batch_rows, batches, case_row, checkpoint_figures, edit_meta, error_rows,
-                                      plan_checkpoints, sequential_rows)
+from kedit_ray.eval.protocols import (RunPoint, batch_rows, batches, case_row, checkpoint_figures, edit_meta,
+                                      error_rows, plan_checkpoints, sequential_rows)
 from kedit_ray.eval.resume import PreScores, RunState, TargetStore
 from kedit_ray.requests import EditRequest
 from kedit_ray.results import PartWriter, finished_case_ids, read_results
@@ -110,16 +110,20 @@ class BatchWorker(ModelWorker):
                                  progress=False, probe=self.probe))
         return [{**r, "batch": b, "worker": self.name} for r in rows]
 
-    def sequential(self, requests: list, batch_size: int, checkpoints, held_out: list,
-                   progress: bool) -> Iterator[list[dict]]:
-        """The whole sequential protocol here, a checkpoint's rows at a time (progress bars drawn on the driver)."""
+    def sequential(self, requests: list, batch_size: int, checkpoints, held_out: list, progress: bool,
+                   pre: dict[int, dict], start: RunPoint,
+                   rescore: bool) -> Iterator[tuple[list[dict], RunPoint | None]]:
+        """The whole sequential protocol here from `start`, (a batch's rows, the point after it or None) at a time
+        (progress bars drawn on the driver)."""
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
         self.sync(Applied())
         bar = ray_tqdm if progress and self.in_ray else progress
+        points = []
         for rows in sequential_rows(self.lm, self.editor, requests, batch_size, checkpoints, held_out,
-                                    self.spec.method, self.scorer, progress=bar, probe=self.probe):
-            yield [{**r, "worker": self.name} for r in rows]
+                                    self.spec.method, self.scorer, progress=bar, probe=self.probe, pre=pre,
+                                    start=start, rescore=rescore, on_batch=points.append):
+            yield [{**r, "worker": self.name} for r in rows], points.pop() if points else None
 
 
 def shares(items: list, n: int) -> list[list]:
@@ -352,14 +356,30 @@ def _sequential(run: Run, todo: list, held_out: list, checkpoints, batch_size: i
 
 
 def _sequential_whole(run: Run, todo: list, held_out: list, checkpoints, batch_size: int) -> None:
-    """The sequential protocol, other editors: whole on one worker; if it dies, it starts over on another and
-    only the rows not yet written are written."""
-    written = _written(run.out)
+    """The sequential protocol, other editors: whole on one worker. After each batch the worker hands back Σ ΔW,
+    the editor's state and figures, saved (OUT/run_state.safetensors) once that batch's rows are written, so a rerun
+    goes on from the last batch saved (scoring its checkpoint first if rows of it are missing); a worker that dies
+    starts over on another from where this call began, and only the rows not yet written are written."""
+    fingerprint = run.pool.infos[0].fingerprint
     requests = [r for _, b in todo for r in b]
-    for rows in run.pool.generate("sequential", requests, batch_size, checkpoints, list(held_out), run.progress):
+    state = RunState(run.out)
+    n, deltas, own, meta = state.read([b for _, b in todo], fingerprint)
+    if n:
+        print(f"resuming: {n} of {len(todo)} batches already applied, from {state.path}")
+    written = _written(run.out)
+    pre = _pre_scores(run, [*requests, *held_out], fingerprint)
+    at = sum(map(len, (b for _, b in todo[:n])))
+    rescore = any((r.case_id, at) not in written for r in [*requests[:at], *held_out])
+    start = RunPoint(n, deltas, own, {int(k): v for k, v in meta.get("edit_s", {}).items()}, meta.get("extra", {}))
+    for rows, point in run.pool.generate("sequential", requests, batch_size, checkpoints, list(held_out),
+                                         run.progress, pre, start, rescore):
         new = [r for r in rows if (r["case_id"], r["checkpoint"]) not in written]
         run.writer.add_many(new)
         written |= {(r["case_id"], r["checkpoint"]) for r in new}
+        if point is not None:
+            state.write(point.deltas, point.editor, {
+                "batches": point.batches, "case_ids": [r.case_id for _, b in todo[:point.batches] for r in b],
+                "edit_s": point.seconds, "extra": point.figures, "fingerprint": fingerprint})
 
 
 def _sequential_complete(out: Path, requests, held_out, batch_size, checkpoints) -> bool:
@@ -399,9 +419,10 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
         plan_checkpoints(len(requests), spec.batch_size, spec.checkpoints)   # bad checkpoints fail here
         complete = _sequential_complete(out, requests, held_out, spec.batch_size, spec.checkpoints) or \
             (spec.stop_on_collapse and stopped_at(out, len(held_out)) is not None)
-        if done and not complete and not split:
-            raise ValueError(f"{out} holds part of a sequential {spec.method} run, which cannot resume midway (only "
-                             "MEMIT and AlphaEdit runs can); use another --out or delete that directory")
+        if done and not complete and not (split or RunState(out).path.exists()):
+            raise ValueError(f"{out} holds part of a sequential {spec.method} run but no run state to resume from "
+                             "(a run whose edits are not weight deltas, e.g. GRACE's, saves none); use another --out "
+                             "or delete that directory")
         RunState(out).read([b for _, b in all_batches])   # as does a bad run state
         TargetStore(out / "z").check()
         todo = [] if complete else all_batches

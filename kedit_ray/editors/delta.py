@@ -67,6 +67,12 @@ class Delta(Edit):
             set_weight(model, name, w0)
         self._backup = None
 
+    def weights_before(self) -> dict[str, torch.Tensor]:
+        """The weights `apply` saw (kept to revert)."""
+        if self._backup is None:
+            raise RuntimeError("this delta is not applied")
+        return self._backup
+
     def norms(self) -> dict[str, float]:
         return {name: d.float().norm().item() for name, d in self.deltas.items()}
 

@@ -73,6 +73,11 @@ class Rome(UsesCovariance):
         self.hp = params or RomeParams()
         self.kept: list[torch.Tensor] = []   # keep_edits: k* of the committed edits, float64 on the CPU
 
+    def prefixes(self, lm: LM) -> list[str]:
+        """The context prefixes, generated once per model (a worker asks on the unedited model, so a resumed
+        sequential run gets the same ones)."""
+        return context_prefixes(lm, self.hp.n_prefixes, self.hp.prefix_len)
+
     def layer(self, lm: LM) -> int:
         return check_layer(lm.model, self.hp.layer if self.hp.layer is not None else default_layer(lm))
 
@@ -107,12 +112,18 @@ class Rome(UsesCovariance):
         """Sequential protocol: these requests' edits are applied for good; with keep_edits, later updates leave
         their keys alone. (Keys at the edited layer do not depend on its down_proj, so the edited model gives them.)"""
         if self.hp.keep_edits:
-            prefixes = context_prefixes(lm, self.hp.n_prefixes, self.hp.prefix_len)
-            self.kept += list(compute_keys(lm, self.layer(lm), requests, prefixes).double().cpu())
+            self.kept += list(compute_keys(lm, self.layer(lm), requests, self.prefixes(lm)).double().cpu())
 
     def reset(self) -> None:
         """Forget the committed edits' keys."""
         self.kept.clear()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a resumed sequential run needs besides the weights: the committed keys ({} when none)."""
+        return {"kept": torch.stack(self.kept)} if self.kept else {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.kept = list(state["kept"].double()) if "kept" in state else []
 
 
 def rank_one(k: torch.Tensor, lam_dir: torch.Tensor, c: torch.Tensor | None, k_den: torch.Tensor | None = None,

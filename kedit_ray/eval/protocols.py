@@ -8,7 +8,8 @@ sequential  batches applied one after another, never reverted (`editor.commit(lm
             always one) every edit made so far is scored (role "edit"), and so is a fixed held-out set of
             unrelated cases (role "held_out"), which gives TRR (kedit_ray.eval.lifelong). Pre-edit scores are
             those of the unedited model. Rows: checkpoint = T. With --stop-on-collapse the run ends after the
-            first checkpoint flagged `collapsed`.
+            first checkpoint flagged `collapsed`. After each batch the run can hand out a `RunPoint` (Σ ΔW so
+            far and the editor's state), and it can start from one: so a long run resumes where it stopped.
 
 `scorer` is a Scorer (the dataset's figures, --generate, --fluency) or a dataset's name. Rows carry its figures,
 their `pre_` twins, `checkpoint`, `role`, `batch` (index), `edit_seconds`
@@ -22,13 +23,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
+import torch
 from tqdm.auto import tqdm
 
+from kedit_ray.editors import Delta
 from kedit_ray.eval import Scorer
 from kedit_ray.eval.perplexity import Probe
 from kedit_ray.eval.summary import summarize
 from kedit_ray.models import LM
+from kedit_ray.models.weights import weight
 from kedit_ray.requests import EditRequest
 
 
@@ -142,22 +147,57 @@ def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, meth
     return [r for rows in batch_rows(lm, editor, requests, batch_size, method, scorer, progress, probe) for r in rows]
 
 
+@dataclass
+class RunPoint:
+    """Where a sequential run stands after a batch, enough to go on from there: the batches applied, Σ ΔW of
+    their edits (W now − W before the run, in float64: W + Σ ΔW gives W now bit for bit), the editor's own state
+    (`editor.state()`, e.g. ROME's kept keys), each edit's seconds and the last batch's per-row figures."""
+
+    batches: int = 0
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    editor: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+
+
 def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
                     held_out: list[EditRequest], method: str, scorer: Scorer | str = "counterfact",
-                    progress: bool | Callable = True, probe: Probe | None = None) -> Iterator[list[dict]]:
-    """The sequential protocol, one checkpoint's rows at a time. The model is restored at the end (or when the
-    generator is closed early)."""
+                    progress: bool | Callable = True, probe: Probe | None = None, pre: dict[int, dict] | None = None,
+                    start: RunPoint | None = None, rescore: bool = False,
+                    on_batch: Callable[[RunPoint], None] | None = None) -> Iterator[list[dict]]:
+    """The sequential protocol, a list of rows per batch (empty but at checkpoints). `pre`: the unedited model's
+    scores, when known; `start`: a point to go on from (its batches are not edited again; with `rescore`, its
+    checkpoint is scored first); `on_batch` gets the point after each batch, before its rows are yielded, while
+    every edit is a weight delta (a GRACE run has none). The model is restored at the end (or when the generator
+    is closed early)."""
     if overlap := {r.case_id for r in requests} & {r.case_id for r in held_out}:
         raise ValueError(f"held-out cases must not be edited; both hold case_ids {sorted(overlap)[:10]}")
     scorer = Scorer.of(scorer)
     todo = batches(requests, batch_size)
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
-    pre = {r.case_id: scorer(lm, r) for r in bar([*requests, *held_out], "pre-edit scores", "case", progress)}
+    if pre is None:
+        pre = {r.case_id: scorer(lm, r) for r in bar([*requests, *held_out], "pre-edit scores", "case", progress)}
     if probe:
         probe.before(lm)
-    applied, done, seconds = [], [], {}
+    start = start or RunPoint()
+    done, seconds = [r for b in todo[:start.batches] for r in b], dict(start.seconds)
+    resumable = on_batch is not None and (hasattr(editor, "state") or not hasattr(editor, "commit"))
+
+    def scored(b: int, figures: dict) -> list[dict]:
+        """Every edit so far and the held-out cases, on the model as it is (checkpoint len(done))."""
+        return [case_row(r, scorer(lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
+                         checkpoint=len(done), batch=b, role=role, extra=figures,
+                         seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None)
+                for role, cases in (("edit", done), ("held_out", held_out)) for r in cases]
+
+    applied = [Delta(start.deltas).apply(lm.model)] if start.deltas else []
     try:
-        for b, batch in enumerate(bar(todo, f"sequential {method}", "batch", progress)):
+        if start.editor:
+            editor.load_state(start.editor)
+        if rescore and start.batches and len(done) in cps:
+            yield scored(start.batches - 1, {**start.figures, **(probe.after(lm) if probe else {})})
+        for b, batch in enumerate(bar(todo[start.batches:], f"sequential {method}", "batch", progress),
+                                  start=start.batches):
             t0 = time.perf_counter()
             edits = apply_batch(lm, editor, batch)
             applied += edits
@@ -165,15 +205,19 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
                 editor.commit(lm, batch)
             seconds.update({r.case_id: (time.perf_counter() - t0) / len(batch) for r in batch})
             done += batch
-            if len(done) not in cps:
-                continue
-            ppl = probe.after(lm) if probe else {}
-            extra = {**edit_meta(edits), **checkpoint_figures(edits), **ppl}
-            yield [case_row(r, scorer(lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
-                            checkpoint=len(done), batch=b, role=role,
-                            seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None, extra=extra)
-                   for role, cases in (("edit", done), ("held_out", held_out)) for r in cases]
-            if probe and probe.stop and ppl["collapsed"]:   # --stop-on-collapse
+            figures = {**edit_meta(edits), **checkpoint_figures(edits)}
+            ppl = probe.after(lm) if probe and len(done) in cps else {}
+            rows = scored(b, {**figures, **ppl}) if len(done) in cps else []
+            resumable = resumable and all(isinstance(e, Delta) for e in edits)
+            if resumable:
+                base = {}   # W before the run, from the first edit of each module
+                for e in applied:
+                    base = {**e.weights_before(), **base}
+                total = {k: (weight(lm.model, k).double() - w0.double()).cpu() for k, w0 in base.items()}
+                on_batch(RunPoint(b + 1, total, editor.state() if hasattr(editor, "state") else {}, dict(seconds),
+                                  figures))
+            yield rows
+            if probe and probe.stop and ppl.get("collapsed"):   # --stop-on-collapse
                 return
     finally:
         revert_all(lm, applied)

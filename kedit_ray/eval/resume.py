@@ -3,8 +3,8 @@
     OUT/pre_scores.json         the unedited model's scores per case_id (they depend on the model and the case)
     OUT/z/z-<first>-<last>.safetensors          the batch protocol's targets z, saved in rounds
     OUT/z/batch-<B>/z-....safetensors           the sequential protocol's z of batch B, until the state after it
-    OUT/run_state.safetensors   a sequential MEMIT-family run: batches applied, Σ ΔW so far, the solver's own
-                                state (`solver.state()`, e.g. AlphaEdit's K_p K_pᵀ) and the figures kept so far
+    OUT/run_state.safetensors   a sequential run: batches applied, Σ ΔW so far, the solver's or editor's own
+                                state (`state()`: AlphaEdit's K_p K_pᵀ, ROME's kept keys) and the figures kept
 
 Every reader names its file when the file is not one this tool wrote, or was made on another model.
 """
@@ -81,13 +81,13 @@ class TargetStore:
 
 
 class RunState:
-    """OUT/run_state.safetensors: where a sequential MEMIT-family run stands after its last finished batch."""
+    """OUT/run_state.safetensors: where a sequential run stands after its last finished batch."""
 
     def __init__(self, out: str | Path):
         self.path = Path(out) / RUN_STATE
 
     def read(self, todo: list[list[EditRequest]], fingerprint: str | None = None) -> tuple[int, dict, dict, dict]:
-        """(batches applied, Σ ΔW per module, the solver's state, meta); (0, {}, {}, {}) without a file. The
+        """(batches applied, Σ ΔW per module, the solver's or editor's state, meta); (0, {}, {}, {}) without a file. The
         batches must be this run's first ones, made on the model with `fingerprint` (when given)."""
         if not self.path.exists():
             return 0, {}, {}, {}
