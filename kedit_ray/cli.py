@@ -334,11 +334,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         edited, held_out = _requests(args, args.limit), []
     _writable(args.out)
+    from kedit_ray.datasets.load import dataset_of
     from kedit_ray.io import file_sha256
     from kedit_ray.spec import EvalSpec, ModelSpec, Resources
 
     spec = EvalSpec(ModelSpec.from_kw(args.model, **model_kw(args)), args.method,
-                    editor_params(args), args.dataset, str(Path(args.data).resolve()), file_sha256(args.data),
+                    editor_params(args), dataset_of(args.data, args.dataset), str(Path(args.data).resolve()),
+                    file_sha256(args.data),
                     args.fluency, args.protocol, args.batch_size, args.checkpoints, [r.case_id for r in held_out],
                     ppl_docs=args.ppl_docs, collapse_factor=args.collapse_factor,
                     stop_on_collapse=args.stop_on_collapse, generate=args.generate,

@@ -61,15 +61,12 @@ def training_requests(cfg: TrainConfig, verbose: bool = False) -> tuple[list[Edi
     """The valid records trained on (all but the first `holdout`), and whether they are zsRE (whose locality
     prompts are asked with a "?", as the zsRE evaluation does). Invalid records are skipped (`verbose`: said)."""
     from kedit_ray.datasets import load_requests
-    from kedit_ray.datasets.records import iter_records
-    from kedit_ray.datasets.zsre import ZSRE
+    from kedit_ray.datasets.load import dataset_of
 
     requests, problems = load_requests(cfg.data, cfg.dataset, skip_invalid=True)
     if verbose and problems:
         print(f"[kedit] skipped {len(problems)} invalid records, e.g. {problems[0]}", file=sys.stderr)
-    first = next((r for _, r in iter_records(cfg.data)), {})
-    zsre = cfg.dataset == "zsre" or (cfg.dataset == "auto" and isinstance(first, dict)
-                                     and all(k in first for k in ZSRE.keys))
+    zsre = dataset_of(cfg.data, cfg.dataset) == "zsre"
     requests = requests[cfg.holdout:]
     if len(requests) < 2:
         raise ValueError(f"{cfg.data}: {len(requests)} records left after --holdout {cfg.holdout}; need at least 2")

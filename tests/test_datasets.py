@@ -272,3 +272,18 @@ def test_skip_invalid_keeps_good_records_and_limit_counts_valid_ones(tmp_path):
     requests, problems = load_requests(path, skip_invalid=True, limit=2)
     assert [r.case_id for r in requests] == [7, 10] and len(problems) == 2
     assert load_requests(path, limit=0) == ([], [])
+
+
+def test_dataset_of_resolves_auto_by_the_first_object_record(tmp_path):
+    """--dataset auto is scored as the layout load_requests reads: a zsRE file as zsRE, not as CounterFact."""
+    from kedit_ray.datasets.load import dataset_of
+
+    zsre = {"subject": "Space Needle", "src": "Where is the Space Needle?", "alt": "Rome", "pred": "Seattle",
+            "rephrase": "Where is the Space Needle located?", "loc": "nq question: who wrote hamlet",
+            "loc_ans": "Shakespeare"}
+    flat = {"prompt": "{} is located in", "subject": "Eiffel Tower", "target_new": "Rome", "ground_truth": "Paris"}
+    cases = [([zsre], "zsre"), (['{"broken', zsre], "zsre"), ([flat], "counterfact"), ([GOOD], "user")]
+    for i, (records, want) in enumerate(cases):
+        path = write_jsonl(tmp_path / f"{i}.jsonl", records)
+        assert dataset_of(path) == want
+        assert dataset_of(path, "counterfact") == "counterfact"   # an explicit --dataset stands

@@ -148,7 +148,8 @@ def test_summary_means_portability_over_the_cases_that_have_it():
 
 def test_kedit_eval_zsre_portability_end_to_end(tmp_path, tiny_dir, capsys):
     """`kedit eval --dataset zsre` on a file whose second record has no portability block (single protocol, then
-    batch MEMIT with its pre_scores.json): both portability columns, float64, null for that case; the report's Port."""
+    batch MEMIT with its pre_scores.json, --dataset left to auto, which finds zsRE): both portability columns,
+    float64, null for that case; the report's Port."""
     import json
 
     import pyarrow as pa
@@ -164,11 +165,13 @@ def test_kedit_eval_zsre_portability_end_to_end(tmp_path, tiny_dir, capsys):
     data = tmp_path / "port.json"
     data.write_text(json.dumps([record, {k: v for k, v in record.items() if k != "portability"}]))
     runs = []
-    for protocol, method, layer in (("single", "rome", ["--layer", "1"]), ("batch", "memit", ["--layers", "1,2"])):
+    for protocol, method, flags in (("single", "rome", ["--layer", "1", "--dataset", "zsre"]),
+                                    ("batch", "memit", ["--layers", "1,2"])):
         out = tmp_path / protocol
-        assert main(["eval", "--model", tiny_dir, "--method", method, "--dataset", "zsre", "--data", str(data),
-                     "--out", str(out), "--workers", "1", "--cpus-per-worker", "1", "--no-cov", *layer,
-                     "--v-steps", "2", "--protocol", protocol, "--batch-size", "2"]) == 0
+        assert main(["eval", "--model", tiny_dir, "--method", method, "--data", str(data), "--out", str(out),
+                     "--workers", "1", "--cpus-per-worker", "1", "--no-cov", *flags, "--v-steps", "2",
+                     "--protocol", protocol, "--batch-size", "2"]) == 0
+        assert json.loads((out / "config.json").read_text())["dataset"] == "zsre"
         table = read_results(out)
         rows = {r["case_id"]: r for r in table.to_pylist()}
         for key in ("portability_score", "pre_portability_score"):

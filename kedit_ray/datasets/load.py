@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..requests import EditRequest, InvalidRecord
 from .counterfact import FLAT, ORIGINAL
-from .records import Layout, collect
+from .records import Layout, collect, detect, iter_records
 from .user import USER
 from .zsre import ZSRE
 
@@ -27,6 +27,18 @@ def load_requests(path: str | Path, dataset: str = "auto", limit: int | None = N
         raise ValueError(f"unknown dataset {dataset!r}; expected one of: auto, {', '.join(DATASETS)}")
     layouts = REQUEST_LAYOUTS if dataset == "auto" else DATASETS[dataset]
     return collect(path, layouts, limit, skip_invalid, check)
+
+
+def dataset_of(path: str | Path, dataset: str = "auto") -> str:
+    """`dataset`, or for "auto" the dataset whose layout the file's first record has (the one `load_requests`
+    reads it with): so a zsRE file is scored as zsRE without --dataset zsre."""
+    if dataset != "auto":
+        return dataset
+    for index, record in iter_records(path):
+        if isinstance(record, dict):
+            layout = detect(record, REQUEST_LAYOUTS, str(path), index)
+            return next(name for name, layouts in DATASETS.items() if layout in layouts)
+    return "counterfact"
 
 
 def fits_context(tok, context: int) -> Callable[[EditRequest], None]:
