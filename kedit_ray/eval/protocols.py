@@ -195,7 +195,10 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
         if start.editor:
             editor.load_state(start.editor)
         if rescore and start.batches and len(done) in cps:
-            yield scored(start.batches - 1, {**start.figures, **(probe.after(lm) if probe else {})})
+            ppl = probe.after(lm) if probe else {}
+            yield scored(start.batches - 1, {**start.figures, **ppl})
+            if probe and probe.stop and ppl.get("collapsed"):
+                return
         for b, batch in enumerate(bar(todo[start.batches:], f"sequential {method}", "batch", progress),
                                   start=start.batches):
             t0 = time.perf_counter()
