@@ -319,7 +319,7 @@ def _sequential(run: Run, todo: list, held_out: list, checkpoints, batch_size: i
     applied = Applied((run.pool.put(Delta(total, {"fingerprint": plan["fingerprint"]})),)) if n else Applied()
     solver.load_state(solver_state)
     done = [r for _, b in todo[:n] for r in b]
-    seconds = {int(k): v for k, v in meta.get("edit_s", {}).items()}
+    seconds = dict(meta.get("edit_s", {}))
     if n:
         print(f"resuming: {n} of {len(todo)} batches already applied, from {state.path}")
     extra = meta.get("extra", {})
@@ -370,7 +370,7 @@ def _sequential_whole(run: Run, todo: list, held_out: list, checkpoints, batch_s
     pre = _pre_scores(run, [*requests, *held_out], fingerprint)
     at = sum(map(len, (b for _, b in todo[:n])))
     rescore = any((r.case_id, at) not in written for r in [*requests[:at], *held_out])
-    start = RunPoint(n, deltas, own, {int(k): v for k, v in meta.get("edit_s", {}).items()}, meta.get("extra", {}))
+    start = RunPoint(n, deltas, own, meta.get("edit_s", {}), meta.get("extra", {}))
     for rows, point in run.pool.generate("sequential", requests, batch_size, checkpoints, list(held_out),
                                          run.progress, pre, start, rescore):
         new = [r for r in rows if (r["case_id"], r["checkpoint"]) not in written]

@@ -87,8 +87,9 @@ class RunState:
         self.path = Path(out) / RUN_STATE
 
     def read(self, todo: list[list[EditRequest]], fingerprint: str | None = None) -> tuple[int, dict, dict, dict]:
-        """(batches applied, Σ ΔW per module, the solver's or editor's state, meta); (0, {}, {}, {}) without a file. The
-        batches must be this run's first ones, made on the model with `fingerprint` (when given)."""
+        """(batches applied, Σ ΔW per module, the solver's or editor's state, meta with `edit_s` keyed by case_id);
+        (0, {}, {}, {}) without a file. The batches must be this run's first ones, made on the model with
+        `fingerprint` (when given)."""
         if not self.path.exists():
             return 0, {}, {}, {}
         from safetensors import safe_open
@@ -98,6 +99,7 @@ class RunState:
                 meta = json.loads(f.metadata()["run_state"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             n = int(meta["batches"])
+            meta["edit_s"] = {int(k): v for k, v in meta.get("edit_s", {}).items()}   # JSON made the keys strings
         except Exception as exc:  # noqa: BLE001 - name the file
             raise ValueError(f"{self.path}: not a run state this tool wrote ({exc}); delete it to start the run "
                              "over") from exc
