@@ -78,21 +78,23 @@ def test_rank_one_with_kept_keys_is_the_c_smallest_update_that_leaves_them(one_t
 
 
 def test_keep_edits_leaves_the_committed_edits_keys(tiny_lm64, one_thread):
-    """Sequentially (commit after each edit), a later update maps an earlier edit's k* to ~0, so W' k_1 = v_1* holds
-    after the second edit; without keep_edits it does not; reset() forgets the keys."""
+    """Sequentially (commit after each edit), a later update maps an earlier edit's k* and bare-prompt key k_p to ~0,
+    so W' k_1 = v_1* holds after the second edit and the question's key is left alone; without keep_edits neither
+    holds; reset() forgets the keys."""
     lm = tiny_lm64
     second = EditRequest(2, "Eiffel Tower", "the city of {}", "Rome", "Paris")
     prefixes = context_prefixes(lm, 2, 4)
     k1 = compute_keys(lm, 1, [TAIL], prefixes)[0].double()
+    kp = compute_keys(lm, 1, [TAIL], [""])[0].double()
     moved = {}
     for keep in (True, False):
         editor = Rome(RomeParams(layer=1, n_prefixes=2, prefix_len=4, use_cov=False, keep_edits=keep))
         first = editor.edit(lm, TAIL)
         with first.applied(lm.model):
             editor.commit(lm, [TAIL])
-            assert len(editor.kept) == (1 if keep else 0)
+            assert len(editor.kept) == (2 if keep else 0)
             [dw] = editor.edit(lm, second).deltas.values()
-        moved[keep] = ((dw.double() @ k1).norm() / (dw.double().norm() * k1.norm())).item()
+        moved[keep] = max(((dw.double() @ k).norm() / (dw.double().norm() * k.norm())).item() for k in (k1, kp))
         editor.reset()
         assert editor.kept == []
     assert moved[True] < 1e-5 < 1e-2 < moved[False]   # ΔW is kept in float32: d · 2⁻²⁴ ≈ 4e-6 at most

@@ -10,7 +10,8 @@ prompt's key k_p instead, (C⁻¹ k*)ᵀ k_p, which r-ROME finds behind the "dis
 editing; `same_key=False` reproduces it for comparison (README, "Sequential ROME").
 
 keep_edits (sequential editing): the update must also leave the keys K = [k_1 … k_n] of the edits committed before
-unchanged, ΔW K = 0, so W' k_i = v_i* still holds for them. The C-smallest such rank-one update is ΔW = Λ uᵀ with
+unchanged, ΔW K = 0, so W' k_i = v_i* still holds for them: each edit's k* and its bare prompt's key k_p (the one
+the question is asked with). The C-smallest such rank-one update is ΔW = Λ uᵀ with
 
     u = C⁻¹ A (Aᵀ C⁻¹ A)⁻¹ e₁,   A = [k*, k_1 … k_n]   (uᵀ k* = 1, uᵀ k_i = 0),
 
@@ -71,7 +72,7 @@ class Rome(UsesCovariance):
 
     def __init__(self, params: RomeParams | None = None):
         self.hp = params or RomeParams()
-        self.kept: list[torch.Tensor] = []   # keep_edits: k* of the committed edits, float64 on the CPU
+        self.kept: list[torch.Tensor] = []   # keep_edits: k* and k_p of the committed edits, float64 on the CPU
 
     def prefixes(self, lm: LM) -> list[str]:
         """The context prefixes, generated once per model (a worker asks on the unedited model, so a resumed
@@ -112,7 +113,9 @@ class Rome(UsesCovariance):
         """Sequential protocol: these requests' edits are applied for good; with keep_edits, later updates leave
         their keys alone. (Keys at the edited layer do not depend on its down_proj, so the edited model gives them.)"""
         if self.hp.keep_edits:
-            self.kept += list(compute_keys(lm, self.layer(lm), requests, self.prefixes(lm)).double().cpu())
+            layer = self.layer(lm)
+            for prefixes in (self.prefixes(lm), [""]):                          # k*, and k_p: the bare prompt's
+                self.kept += list(compute_keys(lm, layer, requests, prefixes).double().cpu())
 
     def reset(self) -> None:
         """Forget the committed edits' keys."""
