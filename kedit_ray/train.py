@@ -147,13 +147,11 @@ def train_loop(config: dict, lm: LM | None = None, report: Callable[[dict], None
     requests, zsre = training_requests(cfg, verbose=rank == 0)
     torch.manual_seed(cfg.seed)
     net, names = build_net(lm, cfg.method, cfg.net)
+    for p in net.parameters():                       # every worker starts from rank 0's network
+        if world > 1:
+            dist.broadcast(p.data, 0)
     opt = torch.optim.Adam(net.param_groups(cfg.lr))
     start, before = _resume(cfg, lm, net, opt)
-    if start == 0 and net.cfg.precondition and rank == 0:
-        net.use_covariances(lm)
-    for t in [*net.parameters(), *net.buffers()]:     # every worker starts from rank 0's network
-        if world > 1:
-            dist.broadcast(t.data, 0)
     first = min(net.cfg.layers)
     bar = None
     if rank == 0 and cfg.progress:
@@ -175,7 +173,8 @@ def train_loop(config: dict, lm: LM | None = None, report: Callable[[dict], None
         loss.backward()
         for p in net.ascent_parameters():            # the Lagrange multiplier climbs
             p.grad.neg_()
-        _all_reduce_mean([p.grad for p in net.parameters()] + net.running_buffers(), world)
+        _all_reduce_mean([p.grad for p in net.parameters()] + [b for b in net.buffers() if b.is_floating_point()],
+                         world)
         opt.step()
         figures = torch.tensor([terms["nll0"].item(), *shown.values()])
         _all_reduce_mean([figures], world)
@@ -212,9 +211,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                 "(default: measured per model)")
     p.add_argument("--modules", default="mlp_out", help="which matrices of each layer: mlp_out, mlp_in or both, "
                                                           "comma-separated")
-    p.add_argument("--precondition", action=argparse.BooleanOptionalAction, default=None,
-                   help="multiply each ΔW by P = C⁻¹ tr(C)/d, C the layer statistics of the edited matrix's inputs "
-                        "(computed once and cached, as for ROME); default: the network's")
     p.add_argument("--save-every", type=positive, default=50, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation and the data order")
     add_ray_args(p, "training (data parallel, on Ray Train)")
@@ -230,8 +226,6 @@ def run(args: argparse.Namespace) -> int:
     net = {"modules": [m.strip() for m in args.modules.split(",") if m.strip()]}
     if args.layers is not None:
         net["layers"] = args.layers
-    if args.precondition is not None:
-        net["precondition"] = args.precondition
     config = asdict(TrainConfig(args.method, str(Path(args.data).resolve()), str(Path(args.out).resolve()),
                                 args.model, args.dataset, args.steps, args.batch_size, args.lr, args.seed,
                                 args.holdout, args.save_every, int(resources.cpus()), net=net))

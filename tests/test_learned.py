@@ -13,8 +13,7 @@ import torch
 from kedit_ray.cli import build_parser, editor_params, main
 from kedit_ray.editors import make_editor
 from kedit_ray.editors.ke import KE
-from kedit_ray.editors.learned import (LearnedParams, base_pass, build_rows, conditioning, edited_pass,
-                                       save_checkpoint, step_terms)
+from kedit_ray.editors.learned import LearnedParams, base_pass, build_rows, edited_pass, save_checkpoint, step_terms
 from kedit_ray.editors.nets import build_net, load_net
 from kedit_ray.eval.summary import summarize
 from kedit_ray.models import get_module, weight_of
@@ -88,54 +87,6 @@ def test_ke_update_has_the_stated_form(tiny_lm64, tmp_path):
         bound = (128 + len(alpha) + 16) * 2.0 ** -24 * torch.sigmoid(eta) * (a_hat.abs() * grad_abs + b_hat.abs())
         assert (delta.deltas[n].double() - expected).abs().le(bound).all()
     assert delta.meta["method"] == "ke" and delta.meta["layers"] == [1, 3]
-
-
-@pytest.mark.parametrize("method", ["ke", "mend"])
-def test_preconditioned_update_is_the_networks_times_c_inverse(tiny_lm64, tmp_path, method):
-    """With precondition, P = C⁻¹ tr(C)/d from the layer statistics (so P C = tr(C)/d · I), ΔW = (the network's ΔW) P;
-    P is saved with the network, so the editor gives that ΔW without reading the statistics again."""
-    from kedit_ray.editors.covariance import StatsNeed, read_covariances
-    from kedit_ray.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES
-
-    lm = tiny_lm64
-    torch.manual_seed(0)
-    net, names = build_net(lm, method, {"layers": [1, 2], "precondition": True})
-    net.use_covariances(lm)
-    covs = read_covariances(lm, StatsNeed((1, 2), str(DEFAULT_CORPUS), DEFAULT_SAMPLES, None))
-    for layer, n in zip([1, 2], names):
-        c = covs[layer][0].double()
-        p = net.precond.get_buffer(n.replace(".", "/")).double()
-        scale = c.trace() / len(c)
-        # P is C⁻¹ tr(C)/d rounded to float32: P C − scale·I is within cond(C) · d · 2⁻²³ of scale
-        err = (p @ c - scale * torch.eye(len(c), dtype=c.dtype)).abs().max()
-        assert err <= torch.linalg.cond(c) * len(c) * 2.0 ** -23 * scale
-        assert not torch.allclose(p, scale * torch.eye(len(c), dtype=p.dtype))
-    save_checkpoint(tmp_path, net, {"method": method, "model": lm.name, "fingerprint": lm.fingerprint,
-                                    "net": asdict(net.cfg), "step": 0})
-    delta = make_editor(method, {"editor_checkpoint": str(tmp_path)}).edit(lm, REQ)
-    rows = build_rows(lm, [REQ], paraphrases=False)
-    grads = base_pass(lm, names, 1, rows)
-    with torch.no_grad():
-        raw = net(grads, *conditioning(lm, rows, net.conditioned))
-    # training applies P to the inputs, W + ΔW (P x): the same terms as W + (ΔW P) x. A ΔW large enough to move
-    # the outputs; the two float32 products (d ≤ 128 terms) differ by ~d·2⁻²³ ≈ 2e-5 relative, far below 1e-3
-    rows = build_rows(lm, [REQ], [[("nq question: capital of France ?", "Paris")]])
-    grads = base_pass(lm, names, 1, rows)
-    precond = net.preconditioners()
-    with torch.no_grad():
-        raw = {n: 1024 * d for n, d in net(grads, *conditioning(lm, rows, net.conditioned)).items()}
-        full = edited_pass(lm, 1, rows, grads, {n: d @ precond[n] for n, d in raw.items()})
-        cheap = edited_pass(lm, 1, rows, grads, raw, precond)
-    assert full["kl"] > 1e-2 and torch.allclose(full["kl"], cheap["kl"], rtol=1e-3)
-    assert torch.allclose(full["nll"], cheap["nll"], rtol=1e-3)
-    raw = {n: d / 1024 for n, d in raw.items()}          # exact: a power of two
-    for n in names:
-        expected = raw[n][0].double() @ net.precond.get_buffer(n.replace(".", "/")).double()
-        assert delta.deltas[n].abs().max() > 0
-        # float32 product of d terms: within d · 2⁻²³ of Σ |ΔW||P|
-        bound = len(expected.T) * 2.0 ** -23 * (raw[n][0].double().abs() @ net.precond.get_buffer(
-            n.replace(".", "/")).double().abs())
-        assert (delta.deltas[n].double() - expected).abs().le(bound).all()
 
 
 @pytest.mark.parametrize("method", ["ke", "mend"])

@@ -264,7 +264,7 @@ def test_sequential_rome_resumes_midway(tmp_path, tiny_dir, monkeypatch, capsys)
         m.setattr(Rome, "edit", cut)
         assert main(argv(out)) == 130
     n, deltas, own, _ = RunState(out).read([[r] for r in cases(4)])
-    assert n == 3 and own["kept"].shape == (6, 64) and list(deltas) == ["model.layers.1.mlp.down_proj"]   # k*, k_p of each
+    assert n == 3 and own["kept"].shape == (6, 64) and list(deltas) == ["model.layers.1.mlp.down_proj"]  # k*, k_p each
     capsys.readouterr()
     assert main(argv(out)) == 0
     assert "resuming: 3 of 4 batches already applied" in capsys.readouterr().out

@@ -35,7 +35,6 @@ class NetConfig:
 
     layers: list[int] | None = None
     modules: list[str] = field(default_factory=lambda: ["mlp_out"])
-    precondition: bool = False    # ΔW ← ΔW P, P = C⁻¹ tr(C)/d: along directions typical keys do not take (ROME's C)
 
     def default_layers(self, lm: LM) -> list[int]:
         raise NotImplementedError
@@ -181,17 +180,13 @@ def base_pass(lm: LM, names: list[str], first_layer: int, rows: Rows) -> Grads:
                  rows.mask[x].float(), resid.input, lp[n_edit:].detach(), nll.detach())
 
 
-def edited_pass(lm: LM, first_layer: int, rows: Rows, grads: Grads, deltas: dict[str, torch.Tensor],
-                precond: dict[str, torch.Tensor] | None = None) -> dict:
-    """Pass 2 with W' = W + ΔW (ΔW [R, out, in], row i sees its request's), or W + ΔW P with `precond` (P per
-    matrix, applied to the inputs: far cheaper than forming ΔW P): L(θ'; P^x, a) per equivalent row and
+def edited_pass(lm: LM, first_layer: int, rows: Rows, grads: Grads, deltas: dict[str, torch.Tensor]) -> dict:
+    """Pass 2 with W' = W + ΔW (ΔW [R, out, in], row i sees its request's): L(θ'; P^x, a) per equivalent row and
     C_KL(θ, θ'; O^x) = KL(p_θ ‖ p_θ') per O^x position. Gradients flow into ΔW."""
     req = rows.req.to(rows.ids.device)
 
     def add_delta(out, name):                                       # W' x = W x + ΔW x, ΔW of the row's request
         x = token_grid(t[name].input, rows.ids).float()
-        if precond:
-            x = x @ precond[name]
         return out + torch.einsum("nti,noi->nto", x, deltas[name][req]).to(out.dtype).view(out.shape)
 
     n_eq = len(rows.equiv[0])
@@ -215,46 +210,10 @@ class HyperNet(nn.Module):
     def __init__(self, cfg, shapes: dict[str, tuple[int, int]], embed_dim: int):
         super().__init__()
         self.cfg, self.shapes, self.embed_dim = cfg, shapes, embed_dim
-        self.precond = nn.Module()                  # P per edited matrix [in, in], saved with the network
-        if cfg.precondition:
-            for name, (_, i) in shapes.items():
-                self.precond.register_buffer(module_key(name), torch.eye(i))
 
     def forward(self, grads: Grads, cond: torch.Tensor | None, cond_mask: torch.Tensor | None
                 ) -> dict[str, torch.Tensor]:
-        """The network's ΔW per edited matrix [R, out, in], before P."""
         raise NotImplementedError
-
-    def preconditioners(self) -> dict[str, torch.Tensor] | None:
-        """P per edited matrix, or None when not preconditioned."""
-        if not self.cfg.precondition:
-            return None
-        return {n: self.precond.get_buffer(module_key(n)) for n in self.shapes}
-
-    def deltas(self, grads: Grads, cond: torch.Tensor | None, cond_mask: torch.Tensor | None
-               ) -> dict[str, torch.Tensor]:
-        """ΔW per edited matrix: the network's, times P when preconditioned (P is symmetric)."""
-        out, precond = self(grads, cond, cond_mask), self.preconditioners()
-        return out if precond is None else {n: d @ precond[n] for n, d in out.items()}
-
-    def use_covariances(self, lm: LM) -> None:
-        """P = C⁻¹ tr(C)/d from the layer statistics of the edited matrices' inputs (computed on first use, as
-        ROME's): a typical key k keeps kᵀ P k ≈ ‖k‖², while ΔW P moves the keys C rarely spans."""
-        from kedit_ray.editors.covariance import StatsNeed, read_covariances
-        from kedit_ray.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES
-
-        for module in self.cfg.modules:
-            need = StatsNeed(tuple(self.cfg.layers), str(DEFAULT_CORPUS), DEFAULT_SAMPLES, None, module)
-            for layer, (c, _) in read_covariances(lm, need).items():
-                c = c.double()
-                p = torch.linalg.inv(c) * (c.trace() / len(c))
-                p = (p + p.T) / 2                    # exactly symmetric: (ΔW P) x = ΔW (P x) row-wise needs Pᵀ = P
-                self.precond.get_buffer(module_key(lm.arch.name(module, layer))).copy_(p)
-
-    def running_buffers(self) -> list[torch.Tensor]:
-        """The buffers training updates (averaged across workers): all but P."""
-        fixed = {id(b) for b in self.precond.buffers()}
-        return [b for b in self.buffers() if b.is_floating_point() and id(b) not in fixed]
 
     def objective(self, terms: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         """(the loss to minimise, the figures to show); `progress` = step / steps."""
@@ -288,7 +247,7 @@ def step_terms(lm: LM, net: HyperNet, names: list[str], first_layer: int, rows: 
     if train:
         net.update_stats(grads)
     deltas = net(grads, *conditioning(lm, rows, net.conditioned))
-    terms = edited_pass(lm, first_layer, rows, grads, deltas, net.preconditioners())
+    terms = edited_pass(lm, first_layer, rows, grads, deltas)
     terms["nll0"] = grads.nll.mean()
     return terms, grads
 
@@ -410,7 +369,7 @@ class LearnedEditor:
         rows = build_rows(lm, [request], paraphrases=False)
         first = min(net.cfg.layers)
         grads = base_pass(lm, names, first, rows)
-        deltas = net.deltas(grads, *conditioning(lm, rows, net.conditioned))
+        deltas = net(grads, *conditioning(lm, rows, net.conditioned))
         return Delta({n: d[0].float() for n, d in deltas.items()}, {   # Delta.apply casts once to W's dtype
             "method": self.name, "model": lm.name, "fingerprint": lm.fingerprint, "layers": net.cfg.layers,
             "modules": names, "case_id": request.case_id, "editor_checkpoint": str(self.hp.editor_checkpoint),
