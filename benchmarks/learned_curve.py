@@ -66,5 +66,6 @@ def main() -> None:
         train_s = read_meta(where)["train_s"]
         print(f"| {steps} | {train_s:.0f} | " + " | ".join(f"{s[k]:.2f}" for k in SHOWN) + " |", flush=True)
 
+
 if __name__ == "__main__":
     main()
