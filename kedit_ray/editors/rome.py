@@ -91,7 +91,7 @@ class Rome(UsesCovariance):
         t0 = time.perf_counter()
         covs, labels = self.covariances(lm)
         c, c_label = covs[layer], labels[layer]                                  # C
-        prefixes = context_prefixes(lm, self.hp.n_prefixes, self.hp.prefix_len)
+        prefixes = self.prefixes(lm)
         t1 = time.perf_counter()
         k = compute_keys(lm, layer, [request], prefixes)[0]                       # k*
         k_den = k if self.hp.same_key else compute_keys(lm, layer, [request], [""])[0]   # k* or k_p
