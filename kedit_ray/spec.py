@@ -25,6 +25,11 @@ def _from(cls, d: dict, where: str):
     return cls(**d)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a cgroup cpuset), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass
 class ModelSpec:
     """What a worker loads: the model's name and how. `device_map` and `max_memory` only place it."""
@@ -88,13 +93,13 @@ class Resources:
         return self.workers == 1 and self.cluster is None
 
     def cpus(self) -> float:
-        """CPUs per worker: as given, else this machine's cores divided by the workers (a local Ray, or this
-        process), else 1 (a cluster)."""
+        """CPUs per worker: as given, else the cores this process may run on (taskset, a cgroup cpuset) divided by
+        the workers (a local Ray, or this process), else 1 (a cluster)."""
         if self.cpus_per_worker is not None:
             return self.cpus_per_worker
         if self.cluster is not None:
             return 1.0
-        return (os.cpu_count() or 1) / self.workers
+        return usable_cores() / self.workers
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 
 from kedit_ray.distributed.cluster import fits
 from kedit_ray.distributed.worker import placement
-from kedit_ray.spec import Resources
+from kedit_ray.spec import Resources, usable_cores
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -43,7 +43,7 @@ def test_capacity_counts_whole_workers_per_node():
 
 def test_resources_defaults_and_checks(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert Resources(1).in_process and Resources(1).cpus() == max(1.0, float(os.cpu_count() or 1))
+    assert Resources(1).in_process and Resources(1).cpus() == float(usable_cores())
     assert not Resources(2).in_process and Resources(2, 0.5).cpus() == 0.5
     monkeypatch.setenv("RAY_ADDRESS", "auto")                              # honoured like --address
     assert not Resources(1).in_process and Resources(1).cluster == "auto" and Resources(1).cpus() == 1.0
@@ -61,7 +61,7 @@ def test_in_process_worker_takes_every_core(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     before = torch.get_num_threads()
     with open_pool(FakeWorker, (), Resources(1)) as pool:
-        assert pool.infos[0].threads == max(1, os.cpu_count() or 1) == torch.get_num_threads()
+        assert pool.infos[0].threads == usable_cores() == torch.get_num_threads()
     assert torch.get_num_threads() == before                              # given back to the driver
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections.abc import Iterator
 
 import ray
 
-from kedit_ray.spec import Resources
+from kedit_ray.spec import Resources, usable_cores
 
 def units(x: float) -> int:
     """A resource amount in Ray's units: 1e-4, a request's fraction truncated (2/3 CPU is 0.6666)."""
@@ -51,7 +50,7 @@ def connect(resources: Resources) -> Iterator[None]:
     if started and resources.cluster:
         ray.init(address=resources.cluster, logging_level=logging.WARNING)
     elif started:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(units(resources.workers * cpus) / 10_000)),
+        ray.init(address="local", num_cpus=max(usable_cores(), math.ceil(units(resources.workers * cpus) / 10_000)),
                  include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
     try:
         check_capacity(resources.workers, cpus, gpus)
