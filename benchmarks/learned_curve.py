@@ -5,7 +5,9 @@ scored on the first `--holdout` zsRE records, never trained on.
     .venv/bin/python benchmarks/learned_curve.py --method ke --at 200,400,600 --out runs/ke-curve [--net '{...}']
 
 Prints one row per point: steps, training seconds so far, success / equivalence / retain (the shares of cases whose
-efficacy, paraphrase and locality scores are all 1) and the token-level scores.
+efficacy, paraphrase and locality scores are all 1) and the token-level scores. Each point's scores are kept in
+OUT/step-N/scores.json (a rerun with more points trains on and scores only the new ones); OUT/curve.json holds the
+rows and OUT/curve.png draws them.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from kedit_ray.editors import make_editor
 from kedit_ray.editors.learned import read_meta
 from kedit_ray.eval.protocols import run_batch
 from kedit_ray.eval.summary import summarize
+from kedit_ray.io import atomic_write, write_json
 from kedit_ray.models import load
 from kedit_ray.train import TrainConfig, train_loop
 
@@ -58,13 +61,40 @@ def main() -> None:
                 shutil.copy(Path(args.out) / name, dest / name)
 
     train_loop(asdict(cfg), lm=lm, report=keep)
+    rows = []
     print("| steps | train s | " + " | ".join(SHOWN) + " |", flush=True)
     for steps in at:
-        where = str(Path(args.out) / f"step-{steps}")
-        s = summarize(run_batch(lm, make_editor(args.method, {"editor_checkpoint": where}), cases, 1, args.method,
-                                scorer="zsre", progress=False))
-        train_s = read_meta(where)["train_s"]
-        print(f"| {steps} | {train_s:.0f} | " + " | ".join(f"{s[k]:.2f}" for k in SHOWN) + " |", flush=True)
+        where = Path(args.out) / f"step-{steps}"
+        if not (where / "scores.json").exists():
+            s = summarize(run_batch(lm, make_editor(args.method, {"editor_checkpoint": str(where)}), cases, 1,
+                                    args.method, scorer="zsre", progress=False))
+            write_json(where / "scores.json", {k: s[k] for k in SHOWN})
+        rows.append({"steps": steps, "train_s": read_meta(where)["train_s"],
+                     **json.loads((where / "scores.json").read_text())})
+        print(f"| {steps} | {rows[-1]['train_s']:.0f} | " + " | ".join(f"{rows[-1][k]:.2f}" for k in SHOWN) + " |",
+              flush=True)
+    write_json(Path(args.out) / "curve.json", {"method": args.method, "net": cfg.net, "train": json.loads(args.train),
+                                               "holdout": args.holdout, "rows": rows})
+    plot(Path(args.out) / "curve.png", args.method, rows)
+
+
+def plot(path: Path, method: str, rows: list[dict]) -> None:
+    """Success, equivalence and retain against training steps, the issue's goals dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 3), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    steps = [r["steps"] for r in rows]
+    for key, label in zip(SHOWN[:3], ("success", "equivalence", "retain")):
+        ax.plot(steps, [r[key] for r in rows], marker="o", label=label)
+    for goal, what in ((0.85, "goal: success"), (0.95, "goal: retain")):
+        ax.axhline(goal, color="grey", ls="--", lw=0.8)
+        ax.text(steps[0], goal + 0.01, what, fontsize=6, color="grey")
+    ax.set(xlabel="training steps", ylabel=f"share of {method} edits", ylim=(0, 1), title=f"{method} learning curve")
+    ax.legend(fontsize=7)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from kedit_ray.models.loading import DEFAULT_MODEL, EMBEDDED_GGUF
 
@@ -34,6 +35,17 @@ def layers(text: str) -> list[int]:
     if not found:
         raise argparse.ArgumentTypeError(f"{text!r} names no layer")
     return sorted(found)
+
+
+def json_object(text: str) -> dict:
+    """'{"c_loc": 3}' → {"c_loc": 3}."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object such as '{{\"c_loc\": 3}}'")
+    return value
 
 
 def ints(text: str) -> list[int]:

@@ -1,13 +1,13 @@
 """Train a learned editor (KE, MEND) on edit records: one process, data-parallel when torch.distributed is set up.
 
     kedit train --method ke --model gemma-3-270m --data ../shared/data/zsre_mend_train-1k.json \\
-        --steps 300 --workers 2 --holdout 50 --out runs/ke
+        --workers 2 --holdout 50 --out runs/ke
 
 Each worker takes its own `batch_size` requests per step (x, its paraphrases P^x, and O^x: its unrelated
-prompts with their answers plus another record's question), computes the loss terms, and the gradients of the
-network are averaged across workers (all-reduce over gloo) before every Adam step. Rank 0 shows a progress
-bar and writes a checkpoint to OUT every `save_every` steps (editor.json names the network's and Adam's
-safetensors files); a rerun with the same OUT resumes.
+prompts with their answers plus `loc_others` other records' questions), computes the loss terms, and the
+gradients of the network are averaged across workers (all-reduce over gloo) before every Adam step. Rank 0 shows
+a progress bar and writes a checkpoint to OUT every `save_every` steps (editor.json names the network's and
+Adam's safetensors files); a rerun with the same OUT resumes.
 The first `holdout` records are never trained on: `kedit eval --limit N` evaluates exactly those.
 With --workers 1 and no Ray address the loop runs in this process; otherwise Ray Train runs it on the workers
 (kedit_ray.distributed.train).
@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kedit_ray.editors.learned import (HyperNet, build_rows, check_fingerprint, load_tensors, read_meta,
-                                       save_checkpoint, step_terms)
-from kedit_ray.editors.nets import build_net
+from kedit_ray.editors.learned import (HyperNet, build_rows, check_fingerprint, load_tensors, load_weights,
+                                       read_meta, save_checkpoint, step_terms)
+from kedit_ray.editors.nets import NETS, build_net
 from kedit_ray.models import LM, load
 from kedit_ray.models.loading import DEFAULT_MODEL
-from kedit_ray.options import add_ray_args, count, layers, positive, positive_float
+from kedit_ray.options import UsageError, add_ray_args, count, json_object, layers, positive, positive_float
 from kedit_ray.requests import EditRequest
 from kedit_ray.spec import Resources
 
@@ -41,7 +41,7 @@ class TrainConfig:
     out: str
     model: str = DEFAULT_MODEL
     dataset: str = "auto"
-    steps: int = 300
+    steps: int = 1000            # ~25 min on one core of this machine (README, Learned editors)
     batch_size: int = 1          # requests per worker per step
     lr: float = 3e-4             # Adam (the network; KE's λ and MEND's lr have their own rates)
     seed: int = 0
@@ -49,6 +49,7 @@ class TrainConfig:
     save_every: int = 50
     threads: int = 1             # torch threads per worker
     loc_tokens: int = 8          # O^x positions per unrelated prompt: its last token and answer tokens
+    loc_others: int = 1          # other records' questions in each request's O^x
     progress: bool = True
     net: dict = field(default_factory=dict)   # KEConfig / MENDConfig fields
 
@@ -73,14 +74,15 @@ def training_requests(cfg: TrainConfig, verbose: bool = False) -> tuple[list[Edi
     return requests, zsre
 
 
-def unrelated(requests: list[EditRequest], index: int, other: int, zsre: bool) -> list[tuple[str, str]]:
-    """O^x of request `index`: its own unrelated prompts with their answers, and record `other`'s question (the
-    next record's when `other` is `index`)."""
+def unrelated(requests: list[EditRequest], index: int, others: list[int], zsre: bool) -> list[tuple[str, str]]:
+    """O^x of request `index`: its own unrelated prompts with their answers, and the questions of records `others`
+    (the next record's in place of `index` itself)."""
     from kedit_ray.eval.zsre import loc_prompt
 
-    r, o = requests[index], requests[other if other != index else (index + 1) % len(requests)]
+    r = requests[index]
     own = [(loc_prompt(p) if zsre else p, a) for p, a in zip(r.neighborhood_prompts, r.neighborhood_answers)]
-    return own + [(o.text, o.target_true)]
+    return own + [(o.text, o.target_true) for o in
+                  (requests[k if k != index else (index + 1) % len(requests)] for k in others)]
 
 
 def batch_indices(n: int, step: int, rank: int, world: int, size: int, seed: int) -> list[int]:
@@ -132,7 +134,7 @@ def _resume(cfg: TrainConfig, lm: LM, net: HyperNet, opt: torch.optim.Optimizer)
     if meta["method"] != cfg.method or meta["net"] != asdict(net.cfg):
         raise ValueError(f"{where}: a {meta['method']} checkpoint with network {meta['net']}, not this run's "
                          f"{cfg.method} {asdict(net.cfg)}; use another --out")
-    net.load_state_dict(load_tensors(cfg.out, meta, "weights"))
+    load_weights(net, cfg.out, meta)
     load_optim(opt, load_tensors(cfg.out, meta, "optimizer"))
     return meta["step"], meta.get("train_s", 0.0)
 
@@ -163,9 +165,10 @@ def train_loop(config: dict, lm: LM | None = None, report: Callable[[dict], None
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         idx = batch_indices(len(requests), step, rank, world, cfg.batch_size, cfg.seed)
-        others = batch_indices(len(requests), step + 1, rank, world, cfg.batch_size, cfg.seed + 1)
+        others = batch_indices(len(requests), step, rank, world, cfg.batch_size * cfg.loc_others, cfg.seed + 1)
         rows = build_rows(lm, [requests[i] for i in idx],
-                          [unrelated(requests, i, o, zsre) for i, o in zip(idx, others)], loc_tokens=cfg.loc_tokens)
+                          [unrelated(requests, i, others[j * cfg.loc_others:(j + 1) * cfg.loc_others], zsre)
+                           for j, i in enumerate(idx)], loc_tokens=cfg.loc_tokens)
         net.train()
         terms, _ = step_terms(lm, net, names, first, rows)
         loss, shown = net.objective(terms, step / cfg.steps)
@@ -203,14 +206,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="zsRE or CounterFact records (JSON, JSONL or Parquet)")
     p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre"],
                    help="the layout of --data (auto: from the first record's keys)")
-    p.add_argument("--steps", type=positive, default=300, help="training steps")
+    p.add_argument("--steps", type=positive, default=TrainConfig.steps, help="training steps")
     p.add_argument("--batch-size", type=positive, default=1, help="requests per worker per step")
     p.add_argument("--lr", type=positive_float, default=3e-4, help="Adam's rate for the network")
+    p.add_argument("--loc-others", type=positive, default=TrainConfig.loc_others,
+                   help="other records' questions in each record's O^x (the locality data)")
     p.add_argument("--holdout", type=count, default=0, help="leave the first N records out (evaluate on them)")
     p.add_argument("--layers", type=layers, default=None, help="layers to edit, e.g. 12,13 or 10-13 "
                                                                 "(default: measured per model)")
     p.add_argument("--modules", default="mlp_out", help="which matrices of each layer: mlp_out, mlp_in or both, "
                                                           "comma-separated")
+    p.add_argument("--net", type=json_object, default={},
+                   help='more network fields as JSON, e.g. \'{"c_loc": 3, "shared": true}\' (KEConfig, MENDConfig)')
     p.add_argument("--save-every", type=positive, default=50, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation and the data order")
     add_ray_args(p, "training (data parallel, on Ray Train)")
@@ -223,12 +230,17 @@ def run(args: argparse.Namespace) -> int:
     from kedit_ray.models.loading import check_model
 
     resources = Resources.from_args(args)
-    net = {"modules": [m.strip() for m in args.modules.split(",") if m.strip()]}
+    net = {**args.net, "modules": [m.strip() for m in args.modules.split(",") if m.strip()]}
     if args.layers is not None:
         net["layers"] = args.layers
+    try:
+        NETS[args.method][1].from_dict(net)                   # an unknown field shows here
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--net: {e}") from None
     config = asdict(TrainConfig(args.method, str(Path(args.data).resolve()), str(Path(args.out).resolve()),
                                 args.model, args.dataset, args.steps, args.batch_size, args.lr, args.seed,
-                                args.holdout, args.save_every, int(resources.cpus()), net=net))
+                                args.holdout, args.save_every, int(resources.cpus()),
+                                loc_others=args.loc_others, net=net))
     training_requests(TrainConfig.from_dict(config))          # a data error shows here, before any worker starts
     check_model(args.model)
     if resources.in_process:

@@ -20,6 +20,7 @@ from kedit_ray.models import get_module, weight_of
 from kedit_ray.options import UsageError
 from kedit_ray.requests import EditRequest
 from kedit_ray.train import TrainConfig, train_loop, training_requests, unrelated
+from kedit_ray.train import run as run_train_command
 
 from conftest import data_file, make_tiny_lm
 
@@ -89,6 +90,32 @@ def test_ke_update_has_the_stated_form(tiny_lm64, tmp_path):
     assert delta.meta["method"] == "ke" and delta.meta["layers"] == [1, 3]
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_mend_starts_as_the_identity_with_one_network_per_shape(tiny_lm64, shared):
+    """At initialisation g is the identity, so ΔW = −lr Σ_t δ̂_t û_tᵀ (û, δ̂ standardised by the statistics of
+    the tokens seen); `shared`: the three same-shape matrices share one g (their own scale, offset and lr)."""
+    net, names = build_net(tiny_lm64, "mend", {"shared": shared})
+    assert len(names) == 3 and len(net.nets) == (1 if shared else 3)
+    rows = build_rows(tiny_lm64, [REQ, EditRequest(1, "Eiffel Tower", "Where is the {} ?", "Rome", "Paris")])
+    grads = base_pass(tiny_lm64, names, min(net.cfg.layers), rows)
+    net.update_stats(grads)
+    deltas = net(grads)
+    keep = grads.tokens.bool()
+    for n in names:
+        u, d = grads.u[n].double(), grads.delta[n].double()
+        # each matrix's tokens once, or (shared) all three matrices' tokens pooled
+        us = torch.cat([grads.u[m][keep] for m in (names if shared else [n])]).double()
+        ds = torch.cat([grads.delta[m][keep] for m in (names if shared else [n])]).double()
+        uh, dh = (u - us.mean(0)) / us.std(0), (d - ds.mean(0)) / ds.std(0)
+        expected = -1e-4 * torch.einsum("rto,rti->roi", dh * grads.tokens[..., None], uh)
+        # float32 running moments and standardisation, sums over ≤ 64 tokens: each factor within 2⁻¹⁶ of
+        # (|x| + max|x|) / std, so the sum within 2⁻¹⁵ of Σ_t of those magnitudes' products
+        mu = (u.abs() + us.abs().amax(0)) / us.std(0)
+        md = (d.abs() + ds.abs().amax(0)) / ds.std(0) * grads.tokens[..., None]
+        bound = 2.0 ** -15 * 1e-4 * torch.einsum("rto,rti->roi", md, mu)
+        assert (deltas[n].double() - expected).abs().le(bound).all()
+
+
 @pytest.mark.parametrize("method", ["ke", "mend"])
 def test_kl_term_is_zero_when_the_update_is_zero(tiny_lm64, method):
     tiny_lm = tiny_lm64
@@ -110,7 +137,7 @@ def _mean_terms(lm, net, names, requests, stats: bool = False):
     statistics see the requests)."""
     out = []
     for i in range(len(requests)):
-        rows = build_rows(lm, [requests[i]], [unrelated(requests, i, (i + 1) % len(requests), True)])
+        rows = build_rows(lm, [requests[i]], [unrelated(requests, i, [(i + 1) % len(requests)], True)])
         terms, _ = step_terms(lm, net, names, min(net.cfg.layers), rows, train=stats)
         out.append((terms["nll"].item(), terms["kl"].item()))
     return torch.tensor(out).mean(0).tolist()
@@ -155,6 +182,9 @@ def test_checkpoint_resumes_and_refuses_another_model(tiny_lm, tmp_path):
     (stale / "editor.json").write_text(json.dumps({**meta, "step": 4}))
     with pytest.raises(ValueError, match="written at step 5"):
         load_net(tiny_lm, stale)
+    (stale / "editor.json").write_text(json.dumps({**meta, "net": {**meta["net"], "shared": True}}))
+    with pytest.raises(ValueError, match="editor-000005.safetensors: not the network editor.json describes"):
+        load_net(tiny_lm, stale)
     with pytest.raises(ValueError, match="--editor-checkpoint"):
         make_editor("mend").edit(tiny_lm, REQ)
     delta = make_editor("mend", {"editor_checkpoint": cfg["out"]}).edit(tiny_lm, REQ)
@@ -198,7 +228,13 @@ def test_cli_wiring():
         editor_params(build_parser().parse_args(["eval", "--method", "rome", "--editor-checkpoint", "c",
                                                  "--data", "x", "--out", "o"]))
     args = build_parser().parse_args(["train", "--method", "ke", "--data", "x", "--out", "o", "--layers", "9-10"])
-    assert args.layers == [9, 10] and args.workers == 1
+    assert args.layers == [9, 10] and args.workers == 1 and args.steps == 1000 and args.net == {}
+    args = build_parser().parse_args(["train", "--method", "mend", "--data", "x", "--out", "o", "--net",
+                                      '{"c_loc": 3, "shared": true}', "--loc-others", "4"])
+    assert args.net == {"c_loc": 3, "shared": True} and args.loc_others == 4
+    with pytest.raises(UsageError, match="--net: MENDConfig: unknown field.*margin_min"):
+        run_train_command(build_parser().parse_args(["train", "--method", "mend", "--data", "x", "--out", "o",
+                                                     "--net", '{"margin_min": 0.1}']))
 
 
 def test_summary_reports_the_ke_paper_figures():
@@ -209,23 +245,29 @@ def test_summary_reports_the_ke_paper_figures():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,steps", [("ke", 500), ("mend", 500)])
-def test_gemma_train_then_eval_on_unseen_zsre_cases(tmp_path, method, steps):
-    """≤ 15 min of training on zsre_mend_train-1k.json (all but the first 50 records), then the first 50 cases."""
+@pytest.mark.parametrize("method", ["ke", "mend"])
+def test_gemma_train_with_the_defaults_then_eval_on_unseen_zsre_cases(tmp_path, method):
+    """`kedit train` with its defaults (1,000 steps, ~20-25 min here) on zsre_mend_train-1k.json less the first 50
+    records, then those 50 cases. The issue's goal is success ≥ 0.85 and retain ≥ 0.95; this budget reaches about
+    0.6-0.75 of each (README, Learned editors: the curves, and why retain stops there on gemma-3-270m). Asserted:
+    that level less two standard errors of a share over 50 cases (~0.13)."""
+    import time
+
     from kedit_ray.datasets import load_requests
     from kedit_ray.eval.protocols import run_batch
     from kedit_ray.models import load
 
     data = data_file("zsre_mend_train-1k.json")
     out = tmp_path / method
-    assert main(["train", "--method", method, "--data", str(data), "--steps", str(steps), "--holdout", "50",
-                 "--out", str(out)]) == 0
+    t0 = time.perf_counter()
+    assert main(["train", "--method", method, "--data", str(data), "--holdout", "50", "--out", str(out)]) == 0
+    train_s = time.perf_counter() - t0
     cases, _ = load_requests(data, "zsre", limit=50)
     lm = load("gemma-3-270m")
     editor = make_editor(method, {"editor_checkpoint": str(out)})
     s = summarize(run_batch(lm, editor, cases, 1, method, scorer="zsre", progress=False))
-    print(method, {k: s[k] for k in ("success_rate", "equivalence_accuracy", "retain_accuracy", "efficacy_score",
-                                     "paraphrase_score", "neighborhood_score", "pre_efficacy_score")})
+    print(method, f"{train_s:.0f} s", {k: s[k] for k in ("success_rate", "equivalence_accuracy", "retain_accuracy",
+                                                        "efficacy_score", "paraphrase_score", "neighborhood_score",
+                                                        "pre_efficacy_score")})
     assert s["errors"] == 0 and s["cases"] == 50
-    assert s["efficacy_score"] > s["pre_efficacy_score"] + 0.4
-    assert s["success_rate"] >= 0.4 and s["equivalence_accuracy"] >= 0.2 and s["retain_accuracy"] >= 0.3
+    assert s["success_rate"] >= 0.5 and s["equivalence_accuracy"] >= 0.3 and s["retain_accuracy"] >= 0.55

@@ -308,6 +308,15 @@ def load_tensors(out: str | Path, meta: dict, key: str) -> dict[str, torch.Tenso
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+def load_weights(net: HyperNet, out: str | Path, meta: dict) -> None:
+    """The network's weights from OUT, refused with the file named when they are not its layout."""
+    try:
+        net.load_state_dict(load_tensors(out, meta, "weights"))
+    except RuntimeError as e:
+        raise ValueError(f"{Path(out) / meta['weights']}: not the network {META_FILE} describes (written by another "
+                         f"kedit version?); train it again ({str(e).splitlines()[0]})") from None
+
+
 def make_net(lm: LM, net_cls: type, cfg_cls: type, cfg: dict) -> tuple[HyperNet, list[str]]:
     """A network of class `net_cls` for `lm` from its config dict (`cfg_cls` fields); by method name:
     kedit_ray.editors.nets.build_net."""
@@ -328,7 +337,7 @@ def read_net(lm: LM, out: str | Path, method: str, net_cls: type, cfg_cls: type)
         raise ValueError(f"{Path(out) / META_FILE}: a {meta['method']!r} checkpoint, not {method!r}")
     check_fingerprint(meta, lm, Path(out) / META_FILE)
     net, names = make_net(lm, net_cls, cfg_cls, meta["net"])
-    net.load_state_dict(load_tensors(out, meta, "weights"))
+    load_weights(net, out, meta)
     return net.eval(), names, meta
 
 

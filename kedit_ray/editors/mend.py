@@ -1,9 +1,11 @@
 """MEND (Mitchell et al., ICLR 2022): a low-rank network transforms the rank-one gradient of each token.
 
 For a linear layer W [out, in], token t's gradient is δ_t u_tᵀ (u_t its input, δ_t the gradient of its
-output). Per edited matrix a network g reads z_t = [û_t; δ̂_t] (u and δ standardised by running statistics)
-and gives (ũ_t, δ̃_t) = g(z_t); g is MEND's: layers z ← z + act(U (V z) + b), U = 0 at initialisation (the
-identity). The update is a descent step with a learned rate per matrix:
+output). A network g reads z_t = [û_t; δ̂_t] (u and δ standardised by running statistics) and gives
+(ũ_t, δ̃_t) = g(z_t); g is MEND's: layers z ← z + act(s_l ⊙ (U (V z) + b) + o_l), U = 0 at initialisation (the
+identity). By default each matrix has its own g; with `shared`, as in the paper, matrices of one shape share g,
+each with its own scale s_l and offset o_l (1 and 0 at the start). The update is a descent step with a learned
+rate per matrix:
 
     ΔW = −lr · Σ_t δ̃_t ũ_tᵀ
 
@@ -33,6 +35,7 @@ class MENDConfig(NetConfig):
     lr_lr: float = 1e-2         # Adam's rate for log lr
     c_edit: float = 0.1
     c_loc: float = 1.0
+    shared: bool = False        # one g per matrix shape, as in the paper (measured no better: README)
 
     def default_layers(self, lm: LM) -> list[int]:
         """The last three layers (the paper), or the per-model default."""
@@ -40,17 +43,19 @@ class MENDConfig(NetConfig):
 
 
 class LowRankResidual(nn.Module):
-    """z + act(U (V z) + b), U zero at initialisation."""
+    """z + act(s_m ⊙ (U (V z) + b) + o_m) for matrix m of `modes`, U zero at initialisation."""
 
-    def __init__(self, dim: int, rank: int, relu: bool):
+    def __init__(self, dim: int, rank: int, relu: bool, modes: int):
         super().__init__()
         self.v = nn.Parameter(torch.randn(rank, dim) / math.sqrt(dim))
         self.u = nn.Parameter(torch.zeros(dim, rank))
         self.b = nn.Parameter(torch.zeros(dim))
+        self.scale = nn.Parameter(torch.ones(modes, dim))
+        self.offset = nn.Parameter(torch.zeros(modes, dim))
         self.relu = relu
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = z @ self.v.T @ self.u.T + self.b
+    def forward(self, z: torch.Tensor, mode: int) -> torch.Tensor:
+        h = (z @ self.v.T @ self.u.T + self.b) * self.scale[mode] + self.offset[mode]
         return z + (torch.relu(h) if self.relu else h)
 
 
@@ -84,21 +89,25 @@ class Standardise(nn.Module):
 
 
 class GradientNet(nn.Module):
-    """g for one matrix [out, in]: standardise u and δ, the low-rank residual layers, split (ũ, δ̃)."""
+    """g for the `modes` matrices [out, in] that share it: standardise u and δ, the low-rank residual layers,
+    split (ũ, δ̃); each matrix its own learned rate."""
 
-    def __init__(self, out_dim: int, in_dim: int, cfg: MENDConfig):
+    def __init__(self, out_dim: int, in_dim: int, modes: int, cfg: MENDConfig):
         super().__init__()
         self.in_dim = in_dim
         self.norm_u, self.norm_d = Standardise(in_dim), Standardise(out_dim)
-        self.layers = nn.Sequential(*[LowRankResidual(in_dim + out_dim, cfg.rank, k < cfg.n_hidden)
-                                      for k in range(cfg.n_hidden + 1)])
-        self.log_lr = nn.Parameter(torch.tensor(math.log(cfg.edit_lr)))
+        self.layers = nn.ModuleList([LowRankResidual(in_dim + out_dim, cfg.rank, k < cfg.n_hidden, modes)
+                                     for k in range(cfg.n_hidden + 1)])
+        self.log_lr = nn.Parameter(torch.full((modes,), math.log(cfg.edit_lr)))
 
-    def forward(self, u: torch.Tensor, d: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, d: torch.Tensor, tokens: torch.Tensor, mode: int) -> torch.Tensor:
         """u [R, T, in], δ [R, T, out], tokens [R, T] (1 where the token counts) → ΔW [R, out, in]."""
-        z = self.layers(torch.cat([self.norm_u(u), self.norm_d(d)], -1)) * tokens[..., None]
+        z = torch.cat([self.norm_u(u), self.norm_d(d)], -1)
+        for layer in self.layers:
+            z = layer(z, mode)
+        z = z * tokens[..., None]
         u_t, d_t = z[..., :self.in_dim], z[..., self.in_dim:]
-        return -self.log_lr.exp() * torch.einsum("rto,rti->roi", d_t, u_t)      # −lr Σ_t δ̃_t ũ_tᵀ
+        return -self.log_lr[mode].exp() * torch.einsum("rto,rti->roi", d_t, u_t)      # −lr Σ_t δ̃_t ũ_tᵀ
 
 
 class MENDNet(HyperNet):
@@ -106,22 +115,25 @@ class MENDNet(HyperNet):
 
     def __init__(self, cfg: MENDConfig, shapes: dict[str, tuple[int, int]], embed_dim: int):
         super().__init__(cfg, shapes, embed_dim)
-        self.nets = nn.ModuleDict({module_key(n): GradientNet(o, i, cfg) for n, (o, i) in shapes.items()})
+        # matrix name → (its network's key, its mode there)
+        group = {n: f"{o}x{i}" if cfg.shared else module_key(n) for n, (o, i) in shapes.items()}
+        members = {g: [n for n in shapes if group[n] == g] for g in dict.fromkeys(group.values())}
+        self.route = {n: (group[n], members[group[n]].index(n)) for n in shapes}
+        self.nets = nn.ModuleDict({g: GradientNet(*shapes[names[0]], len(names), cfg) for g, names in members.items()})
 
     def forward(self, grads: Grads, cond=None, cond_mask=None) -> dict[str, torch.Tensor]:
-        return {n: self.nets[module_key(n)](grads.u[n], grads.delta[n], grads.tokens) for n in self.shapes}
+        return {n: self.nets[g](grads.u[n], grads.delta[n], grads.tokens, m) for n, (g, m) in self.route.items()}
 
     def update_stats(self, grads: Grads) -> None:
         keep = grads.tokens.bool()
-        for n in self.shapes:
-            net = self.nets[module_key(n)]
-            net.norm_u.update(grads.u[n][keep])
-            net.norm_d.update(grads.delta[n][keep])
+        for n, (g, _) in self.route.items():
+            self.nets[g].norm_u.update(grads.u[n][keep])
+            self.nets[g].norm_d.update(grads.delta[n][keep])
 
     def objective(self, terms: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         loss = cfg.c_edit * terms["nll"] + cfg.c_loc * terms["kl"]
-        lr = sum(net.log_lr.exp().item() for net in self.nets.values()) / len(self.nets)
+        lr = torch.cat([net.log_lr for net in self.nets.values()]).exp().mean().item()
         return loss, {"nll": terms["nll"].item(), "kl": terms["kl"].item(), "lr": lr}
 
     def param_groups(self, lr: float) -> list[dict]:
