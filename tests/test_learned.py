@@ -247,10 +247,10 @@ def test_summary_reports_the_ke_paper_figures():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ke", "mend"])
 def test_gemma_train_with_the_defaults_then_eval_on_unseen_zsre_cases(tmp_path, method):
-    """`kedit train` with its defaults (1,000 steps, ~20-25 min here) on zsre_mend_train-1k.json less the first 50
-    records, then those 50 cases. The issue's goal is success ≥ 0.85 and retain ≥ 0.95; this budget reaches about
-    0.6-0.75 of each (README, Learned editors: the curves, and why retain stops there on gemma-3-270m). Asserted:
-    that level less two standard errors of a share over 50 cases (~0.13)."""
+    """`kedit train` with its defaults (1,000 steps, ~25 min on one core here) on zsre_mend_train-1k.json less the
+    first 50 records, then those 50 cases. The issue's goal is success ≥ 0.85 and retain ≥ 0.95; this budget reaches
+    about 0.65-0.8 of each (README, Learned editors: the curves, and what keeps retain below ROME's). Asserted: that
+    level less two standard errors of a share over 50 cases (~0.13)."""
     import time
 
     from kedit_ray.datasets import load_requests
@@ -270,4 +270,5 @@ def test_gemma_train_with_the_defaults_then_eval_on_unseen_zsre_cases(tmp_path, 
                                                         "efficacy_score", "paraphrase_score", "neighborhood_score",
                                                         "pre_efficacy_score")})
     assert s["errors"] == 0 and s["cases"] == 50
+    assert s["efficacy_score"] > s["pre_efficacy_score"] + 0.4
     assert s["success_rate"] >= 0.5 and s["equivalence_accuracy"] >= 0.3 and s["retain_accuracy"] >= 0.55
