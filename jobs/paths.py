@@ -8,13 +8,13 @@ from pathlib import Path
 
 
 def absolute_inputs(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """`argv` with the values of `flags` (inputs) made absolute against the job's working directory."""
-    out, take = [], None
+    """`argv` with the values of `flags` (inputs) made absolute against the job's working directory; a flag's
+    values run to the next option (`--data A B`)."""
+    out, take = [], False
     for arg in argv:
         name, eq, value = arg.partition("=")
-        if take:
+        if take and not arg.startswith("-"):
             out.append(str(Path(arg).resolve()))
-            take = None
         elif name in flags and eq:
             out.append(f"{name}={Path(value).resolve()}")
         else:

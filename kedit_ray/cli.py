@@ -29,7 +29,13 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", default="rome", choices=sorted(EDITORS), help="the editor")
     g.add_argument("--layer", type=int, default=None, help="layer to edit (default: measured per model)")
     g.add_argument("--layers", type=layers, default=None,
-                   help="MEMIT/AlphaEdit: layers to edit, e.g. 3,4,5,6 or 3-6 (default: measured per model)")
+                   help="MEMIT/AlphaEdit/UltraEdit: layers to edit, e.g. 3,4,5,6 or 3-6 (default: measured per "
+                        "model)")
+    g.add_argument("--modules", type=lambda s: [m for m in s.split(",") if m], default=None,
+                   help="UltraEdit: the projections edited in each layer, Arch fields (mlp_in, mlp_out) or templates "
+                        "such as 'model.layers.{}.mlp.gate_proj', comma-separated (default: mlp_in and gate_proj)")
+    g.add_argument("--eta", type=positive_float, default=None,
+                   help="UltraEdit: η, the step of the pseudo-values v = −η‖k̂‖²ĝ (default: measured per model)")
     g.add_argument("--mom2-weight", type=float, default=None,
                    help="MEMIT/AlphaEdit: λ, the weight of C (default: measured per model, gemma-3-270m 200, "
                         "smollm2-135m 2000; else the paper's 15000)")
@@ -85,7 +91,8 @@ EDITOR_OPTIONS = {"layer": ("layer", "--layer"), "layers": ("layers", "--layers"
                   "compute_stats": ("no_compute_stats", "--no-compute-stats"),
                   "eps_init": ("eps_init", "--eps-init"), "replacement": ("replacement", "--replacement"),
                   "norm_constraint": ("norm_constraint", "--norm-constraint"),
-                  "editor_checkpoint": ("editor_checkpoint", "--editor-checkpoint")}
+                  "editor_checkpoint": ("editor_checkpoint", "--editor-checkpoint"),
+                  "modules": ("modules", "--modules"), "eta": ("eta", "--eta")}
 
 
 def editor_params(args: argparse.Namespace) -> dict:
@@ -257,7 +264,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     add_editor_args(p)
     p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre", "user"],
                    help="the layout of --data and the metrics (auto: from the first record's keys)")
-    p.add_argument("--data", required=True, help="requests file (JSON, JSONL or Parquet)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="requests file(s) (JSON, JSONL or Parquet), read one after another")
+    p.add_argument("--drop-repeats", action="store_true",
+                   help="drop the later copy of a request whose subject and prompt came before (says how many)")
     p.add_argument("--limit", type=count, default=None, help="the first N valid records (default: all)")
     p.add_argument("--skip-invalid", action="store_true", help="report bad records and go on")
     add_ray_args(p, "eval")
@@ -284,6 +294,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--held-out", type=count, default=None,
                    help="sequential: unrelated cases scored at each checkpoint for TRR, the ones right after the "
                         "edited cases in --data (default: a fifth of the valid records, at most 100)")
+    g.add_argument("--checkpoint-sample", type=positive, default=None, metavar="N",
+                   help="sequential: score a fixed, seeded sample of N of the edits so far at each checkpoint but the "
+                        "last, which scores every edit (default: every edit at every checkpoint)")
     g.add_argument("--stop-on-collapse", action="store_true",
                    help="sequential, with --ppl-docs: end the run at the first checkpoint flagged `collapsed`")
 
@@ -300,16 +313,37 @@ def _requests(args: argparse.Namespace, limit: int | None) -> list:
     path = check_model(args.model)   # a model that is not there fails here, in seconds, before any worker
     config = AutoConfig.from_pretrained(path)
     context = context_length(getattr(config, "text_config", None) or config)
-    requests, problems = load_requests(args.data, args.dataset, limit, args.skip_invalid,
-                                       check=fits_context(AutoTokenizer.from_pretrained(path), context))
+    requests, problems, check = [], [], fits_context(AutoTokenizer.from_pretrained(path), context)
+    for data in args.data:   # with --drop-repeats, the limit applies to what is left
+        left = None if limit is None or args.drop_repeats else limit - len(requests)
+        if left != 0:
+            more, bad = load_requests(data, args.dataset, left, args.skip_invalid, check=check)
+            requests, problems = requests + more, problems + bad
+    if args.drop_repeats:
+        requests = drop_repeats(requests)[:limit]
+    if len({r.case_id for r in requests}) < len(requests):
+        raise UsageError(f"--data {' '.join(args.data)}: case_ids repeat across the files")
     for p in problems:
         print(f"[kedit] skipped: {p}", file=sys.stderr)
     if problems:
         print(f"[kedit] skipped {len(problems)} invalid records, kept {len(requests)}", file=sys.stderr)
     if not requests:
-        raise UsageError(f"{args.data}: no valid records" + (f" (--skip-invalid skipped {len(problems)})"
+        raise UsageError(f"{' '.join(args.data)}: no valid records" + (f" (--skip-invalid skipped {len(problems)})"
                                                              if problems else ""))
     return requests
+
+
+def drop_repeats(requests: list) -> list:
+    """`requests` without the later copies of a (subject, prompt) that came before; says how many it dropped."""
+    seen, kept = set(), []
+    for r in requests:
+        if (r.subject, r.prompt) not in seen:
+            seen.add((r.subject, r.prompt))
+            kept.append(r)
+    if len(kept) < len(requests):
+        print(f"[kedit] --drop-repeats: dropped {len(requests) - len(kept)} requests whose subject and prompt came "
+              "before", file=sys.stderr)
+    return kept
 
 
 def split_held_out(requests: list, limit: int | None, held_out: int | None) -> tuple[list, list]:
@@ -339,11 +373,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kedit_ray.spec import EvalSpec, ModelSpec, Resources
 
     spec = EvalSpec(ModelSpec.from_kw(args.model, **model_kw(args)), args.method,
-                    editor_params(args), dataset_of(args.data, args.dataset), str(Path(args.data).resolve()),
-                    file_sha256(args.data),
+                    editor_params(args), dataset_of(args.data[0], args.dataset),
+                    " ".join(str(Path(d).resolve()) for d in args.data), " ".join(map(file_sha256, args.data)),
                     args.fluency, args.protocol, args.batch_size, args.checkpoints, [r.case_id for r in held_out],
                     ppl_docs=args.ppl_docs, collapse_factor=args.collapse_factor,
                     stop_on_collapse=args.stop_on_collapse, generate=args.generate,
+                    checkpoint_sample=args.checkpoint_sample,
                     resources=Resources.from_args(args))
     if args.protocol == "single":
         from kedit_ray.distributed.driver import run_eval
@@ -411,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", action="append", required=True,
                    help="a delta file (`kedit edit --save`); repeat to apply several, in order")
     p.add_argument("--out", required=True, help="the directory to write (absent or empty)")
-    p = command("report", "aggregate table and figure (95% bootstrap intervals) of eval runs")
+    p = command("report", "aggregate table and figure (95%% bootstrap intervals) of eval runs")
     p.add_argument("dirs", nargs="+", help="eval --out directories")
     p.add_argument("--png", default=None, help="chart path (default: DIR/report.png of the first DIR)")
     for name, module in PLUGINS.items():

@@ -122,6 +122,8 @@ class EvalSpec:
     ppl_docs: int = 0                              # documents of the stats corpus for perplexity (0: not measured)
     collapse_factor: float = 2.0                   # an edit that multiplies the perplexity by more is `collapsed`
     stop_on_collapse: bool = False                 # sequential: stop at the first collapsed checkpoint
+    checkpoint_sample: int | None = None           # sequential: edits scored at a checkpoint before the last (None:
+                                                   # every one)
     generate: bool = False                         # efficacy_generated, paraphrase_generated (greedy answers)
     resources: Resources = field(default_factory=Resources)
 
@@ -132,6 +134,8 @@ class EvalSpec:
             raise ValueError(f"--batch-size must be ≥ 1, got {self.batch_size}")
         if self.ppl_docs < 0:
             raise ValueError(f"--ppl-docs must be ≥ 0, got {self.ppl_docs}")
+        if self.checkpoint_sample is not None and self.checkpoint_sample < 1:
+            raise ValueError(f"--checkpoint-sample must be ≥ 1, got {self.checkpoint_sample}")
         if not self.collapse_factor > 0:
             raise ValueError(f"--collapse-factor must be > 0, got {self.collapse_factor}")
 

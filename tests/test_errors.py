@@ -161,6 +161,18 @@ def test_held_out_default_is_a_fifth_at_most_100():
         split_held_out(reqs[:2], None, 5)
 
 
+def test_every_help_screen_renders(capsys):
+    """`kedit --help`, the first command a newcomer types, and `kedit CMD --help` for every command print their
+    help and exit 0 (a stray "%" in a help text once made the top level a traceback)."""
+    from kedit_ray.cli import build_parser, main
+
+    for argv in [[], *[[name] for name in build_parser()._subparsers._group_actions[0].choices]]:
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--help"])
+        assert done.value.code == 0, argv
+        assert "usage: kedit" in capsys.readouterr().out, argv
+
+
 def test_every_option_has_help_and_shows_its_default():
     from kedit_ray.cli import build_parser
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from families import FAMILIES, FUSED_MOE, make_family_lm, make_family_model
-from kedit_ray.editors import FT, AlphaEdit, AlphaEditParams, FTParams, Grace, GraceParams, make_editor
+from kedit_ray.editors import (FT, AlphaEdit, AlphaEditParams, FTParams, Grace, GraceParams, UltraEdit,
+                               UltraEditParams, make_editor)
 from kedit_ray.editors.learned import build_rows, step_terms
 from kedit_ray.editors.nets import build_net
 from kedit_ray.editors.rome import Rome, RomeParams, rank_one
@@ -157,6 +158,25 @@ def test_ft_changes_its_layer_only_and_lowers_the_nll(lm, bound):
         assert delta.deltas[name].abs().max() <= bound
         assert ((w1 - w).abs() <= bound + 2 * U32 * w1.abs()).all()                 # W′ = fl(W + ΔW)
     check_delta(lm, delta, [name])
+
+
+# ------------------------------------------------------------------------------------ UltraEdit
+
+def test_ultraedit_turn_equals_the_plain_hooks_reference(lm):
+    """A turn of UltraEdit on the MLP input and output projections of two layers equals the plain-hooks reference
+    in float64 (one float32 rounding of ΔW), and its delta changes those weights alone. (Qwen2-MoE's fused experts
+    compute in float32 alone: there the delta's reach is checked, not its value.)"""
+    from test_ultraedit import REQS, reference_turn
+
+    exact = "qwen2_moe" not in lm.name
+    if exact:
+        lm.model.to(torch.float64)
+    delta = UltraEdit(UltraEditParams(layers=[1, 2], modules=["mlp_in", "mlp_out"], eta=1e-3)).edit_batch(lm, REQS)
+    names = [lm.arch.name(m, x) for x in (1, 2) for m in ("mlp_in", "mlp_out")]
+    ref = reference_turn(lm, REQS, names, 1e-3) if exact else {}
+    for n, r in ref.items():
+        assert (delta.deltas[n].double() - r).norm() <= 1e-6 * r.norm() and r.norm() > 0, n
+    check_delta(lm, delta, names)
 
 
 # ------------------------------------------------------------------------------------ KE, MEND

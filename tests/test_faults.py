@@ -1,5 +1,6 @@
 """The pool under faults, on a two-node Ray cluster simulated here (ray.cluster_utils.Cluster, one CPU a node):
-a worker process killed (SIGKILL) in the middle of its task, for eval (single, batch MEMIT, sequential AlphaEdit),
+a worker process killed (SIGKILL) in the middle of its task, for eval (single, batch MEMIT, sequential AlphaEdit,
+a sequential checkpoint's scoring),
 stats and trace; a whole node removed mid-run; the driver and all it started killed, then the same command run
 again. Each run ends complete, every case_id once, no error rows; the statistics equal an uninterrupted run's.
 The runs use a tiny random Llama saved to a directory (conftest's tiny_dir: the workers load it by path)."""
@@ -129,6 +130,28 @@ def test_sequential_alphaedit_survives_a_killed_worker(cluster, tiny_dir, tmp_pa
     rows = rows_of(out)
     assert_whole(rows, [(i, 2) for i in (0, 1, 4, 5)] + [(i, 4) for i in range(6)])
     run_protocol_eval(spec(tiny_dir, "alphaedit", MEMIT, workers=1, **kw), cases(4), tmp_path / "one",
+                      held_out=cases(2, 4), progress=False)
+    assert_same(rows, rows_of(tmp_path / "one"), ("efficacy_magnitude", "neighborhood_magnitude"))
+
+
+def test_sequential_ultraedit_checkpoint_scoring_survives_a_killed_worker(cluster, tiny_dir, tmp_path):
+    """Killed while scoring a checkpoint share (every worker scores one, with Σ ΔW from the object store): the
+    share goes to the other worker or the replacement, nothing is lost, and the rows equal one worker's run."""
+    from kedit_ray.distributed.batch import run_protocol_eval
+
+    _, _, mark = cluster
+    out = tmp_path / "ray"
+    killer = KillWhenBusy(mark, "ray::BatchWorker.scores", ready=lambda: (out / "run_state.safetensors").exists())
+    killer.start()
+    params = {"layers": [1, 2], "eta": 1e-2}
+    kw = dict(protocol="sequential", batch_size=2, checkpoints=[2, 4], held_out=[4, 5])
+    summary = run_protocol_eval(spec(tiny_dir, "ultraedit", params, **kw), cases(4), out, held_out=cases(2, 4),
+                                progress=False)
+    killer.join()
+    assert killer.killed is not None and summary["complete"] and summary["errors"] == 0
+    rows = rows_of(out)
+    assert_whole(rows, [(i, 2) for i in (0, 1, 4, 5)] + [(i, 4) for i in range(6)])
+    run_protocol_eval(spec(tiny_dir, "ultraedit", params, workers=1, **kw), cases(4), tmp_path / "one",
                       held_out=cases(2, 4), progress=False)
     assert_same(rows, rows_of(tmp_path / "one"), ("efficacy_magnitude", "neighborhood_magnitude"))
 

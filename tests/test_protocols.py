@@ -207,19 +207,35 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
         state.write_bytes(b"junk")
         capsys.readouterr()
         assert main(argv) == 2 and "run_state.safetensors" in capsys.readouterr().err
-        # an editor that runs whole on one worker (ROME) streams its rows a checkpoint at a time; --workers 2
-        # loads one worker all the same (a Ray actor here)
-        out = tmp_path / "rome"
+        # an editor that is not split (ROME): one worker edits each batch from Σ ΔW and the editor's state, every
+        # worker scores a share of each checkpoint; the rows equal one worker's (which runs 2 torch threads to
+        # their 1: equal to float32 rounding). --checkpoint-sample 1 scores one edit at checkpoint 2, every one at 4
+        def rome(out, *more) -> list[str]:
+            return ["eval", "--method", "rome", "--model", str(tiny_dir), "--data", str(data), "--limit", "4",
+                    "--layer", "1", "--no-cov", "--v-steps", "4", "--rome-keep-edits", "--out", str(out),
+                    "--protocol", "sequential", "--batch-size", "1", "--checkpoints", "2", "--held-out", "2", *more]
+
+        def figures(out) -> list:
+            t = read_results(out).sort_by([("checkpoint", "ascending"), ("case_id", "ascending")])
+            return list(zip(*(t[c].to_pylist() for c in ("case_id", "checkpoint", "role", "efficacy_magnitude",
+                                                          "neighborhood_magnitude", "pre_efficacy_magnitude"))))
+
         capsys.readouterr()
-        assert main(["eval", "--method", "rome", "--model", str(tiny_dir), "--data", str(data), "--limit", "4",
-                     "--layer", "1", "--no-cov", "--v-steps", "4", "--out", str(out), "--protocol", "sequential",
-                     "--batch-size", "1", "--checkpoints", "2", "--held-out", "2", "--workers", "2"]) == 0
-        said = capsys.readouterr()
-        assert "loading one" in said.out and "[kedit] 1 worker: w0@" in said.err
-        table = read_results(out)
-        by_checkpoint = Counter(table["checkpoint"].to_pylist())
-        assert by_checkpoint == {2: 2 + 2, 4: 4 + 2} and len(set(table["worker"].to_pylist())) == 1
-        assert (out / "run_state.safetensors").exists()   # handed back by the worker, written by the driver
+        assert main(rome(tmp_path / "rome1", "--workers", "1")) == 0
+        assert main(rome(tmp_path / "rome2", "--workers", "2")) == 0
+        assert "[kedit] 2 workers" in capsys.readouterr().err
+        table = read_results(tmp_path / "rome2")
+        assert Counter(table["checkpoint"].to_pylist()) == {2: 2 + 2, 4: 4 + 2}
+        assert len(set(table.filter(pc.equal(table["checkpoint"], 4))["worker"].to_pylist())) == 2
+        for got, want in zip(figures(tmp_path / "rome2"), figures(tmp_path / "rome1"), strict=True):
+            assert got[:3] == want[:3] and got[3:] == pytest.approx(want[3:], abs=1e-6)
+        log = json.loads((tmp_path / "rome2" / "checkpoints.json").read_text())
+        assert [e["edits"] for e in log] == [2, 4] and all(e["peak_rss"] >= e["rss"] > 0 for e in log)
+        assert main(rome(tmp_path / "sampled", "--workers", "2", "--checkpoint-sample", "1")) == 0
+        table = read_results(tmp_path / "sampled")
+        assert Counter(table["checkpoint"].to_pylist()) == {2: 1 + 2, 4: 4 + 2}
+        assert json.loads((tmp_path / "sampled" / "summary.json").read_text())["checkpoint_sample"] == 1
+        assert main(rome(tmp_path / "sampled", "--workers", "2", "--checkpoint-sample", "1")) == 0   # complete
     finally:
         ray.shutdown()
 
@@ -309,3 +325,47 @@ def test_report_plots_scores_against_edits(tmp_path):
     assert rows[("alphaedit", "10")][:4] == ["1.000", "1.000", "1.000", "1"]
     assert rows[("alphaedit", "100")][:4] == ["1.000", "0.900", "0.950", "10"]
     assert (tmp_path / "memit" / "lifelong.png").stat().st_size > 1000
+
+
+def test_several_data_files_and_drop_repeats(tmp_path, tiny_dir, capsys):
+    """--data A B reads both, in order; --drop-repeats drops the later copy of a subject and prompt and says how
+    many; case_ids that repeat across the files are refused, naming the files."""
+    import argparse
+
+    from kedit_ray.cli import UsageError, _requests
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in cases(3)))
+    again = [EditRequest(10 + r.case_id, r.subject, r.prompt, "Rome", r.target_true) for r in cases(2, start=2)]
+    b.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in again))
+
+    def read(*data, drop=False, limit=None):
+        args = argparse.Namespace(model=tiny_dir, data=[str(d) for d in data], dataset="auto", skip_invalid=False,
+                                  drop_repeats=drop)
+        return [r.case_id for r in _requests(args, limit)]
+
+    assert read(a, b) == [0, 1, 2, 12, 13]
+    capsys.readouterr()
+    assert read(a, b, drop=True) == [0, 1, 2, 13] and "dropped 1 requests" in capsys.readouterr().err
+    assert read(a, b, drop=True, limit=2) == [0, 1] and read(a, b, limit=4) == [0, 1, 2, 12]
+    with pytest.raises(UsageError, match="case_ids repeat across the files"):
+        read(a, a)
+
+
+def test_sequential_keeps_one_copy_of_the_weights(tiny_lm):
+    """Nothing held grows with the edits: each batch's delta stays in the weights and lets go of its copy of W as
+    soon as it is applied (the run keeps W before the run once, to restore it at the end)."""
+    from kedit_ray.editors import UltraEdit, UltraEditParams
+    from kedit_ray.eval.protocols import sequential_rows
+
+    editor, made = UltraEdit(UltraEditParams(layers=[1], eta=1e-2)), []
+    edit_batch = editor.edit_batch
+    editor.edit_batch = lambda lm, reqs: made.append(edit_batch(lm, reqs)) or made[-1]
+    before = state(tiny_lm)
+    for _ in sequential_rows(tiny_lm, editor, cases(4), 2, None, [], "ultraedit", progress=False):
+        for delta in made:
+            with pytest.raises(RuntimeError, match="not applied"):
+                delta.weights_before()
+    assert len(made) == 2 and same(tiny_lm, before)
+    with made[0].applied(tiny_lm.model):    # a released delta applies again to the restored model
+        assert not same(tiny_lm, before)

@@ -13,15 +13,16 @@ holds state the driver lacks. AlphaEdit's kept keys K_p K_pᵀ are summed from t
 driver's solver, whose state() is saved with the run.
 
 Other editors: in the batch protocol each worker edits and scores whole batches (stream), so every loaded model
-works; the sequential protocol runs whole on one worker (its edits depend on each other), streamed a checkpoint at
-a time, and loads only that one.
+works. In the sequential protocol one worker edits each batch (`turn`) on the model with Σ ΔW so far and the
+editor's state, and hands both back; every worker scores a share of each checkpoint. An editor whose edits are not
+weight deltas (GRACE's codebook) runs whole on one worker, streamed a checkpoint at a time, and loads only that one.
 
 Rows are written as they are scored. Resume (files in kedit_ray.eval.resume): the unedited model's scores are kept
 in OUT/pre_scores.json; the batch protocol skips the cases that have rows (a batch is edited again if some of its
 cases lack one, and only those are written) and reads back the z a cut-short batch had saved; a sequential
 MEMIT-family run saves Σ ΔW and the solver's state after each batch (OUT/run_state.safetensors) and resumes from
-there, with the z its next batch had saved (OUT/z/batch-B/). A sequential run whole on one worker saves the same
-file after each batch (Σ ΔW and the editor's own state, from the worker) and resumes from it too.
+there, with the z its next batch had saved (OUT/z/batch-B/); one edited a batch at a time by a worker saves the
+same file (Σ ΔW and the editor's own state, handed back by the worker) and resumes from it too.
 """
 from __future__ import annotations
 
@@ -43,15 +44,21 @@ from kedit_ray.editors import Delta, make_editor
 from kedit_ray.editors.memit import spread
 from kedit_ray.eval import Scorer, scorer_name
 from kedit_ray.eval.perplexity import Probe, perplexity
-from kedit_ray.eval.protocols import (RunPoint, batch_rows, batches, case_row, checkpoint_figures, edit_meta,
-                                      error_rows, plan_checkpoints, sequential_rows)
-from kedit_ray.eval.resume import PreScores, RunState, TargetStore
+from kedit_ray.eval.protocols import (apply_batch, batch_rows, batches, case_row, checkpoint_edits,
+                                      checkpoint_figures, checkpoint_rows, edit_meta, error_rows, plan_checkpoints,
+                                      revert_all, run_total, sequential_rows, weights_before)
+from kedit_ray.eval.resume import CheckpointLog, PreScores, RunState, TargetStore
 from kedit_ray.requests import EditRequest
 from kedit_ray.results import PartWriter, finished_case_ids, read_results
 from kedit_ray.spec import EvalSpec
 
 Z_ROUND = 25       # requests per worker between two saves of z (at least the editor's z_batch)
 SCORE_CHUNK = 25   # cases per scoring task (a task is the unit of progress and of loss)
+
+
+def weight_deltas(editor) -> bool:
+    """Editors whose edits are weight Deltas (a sequential run then hands Σ ΔW between workers)."""
+    return editor.kind == "delta"
 
 
 def distributable(editor) -> bool:
@@ -95,7 +102,29 @@ class BatchWorker(ModelWorker):
     def scores(self, cases: list[tuple[EditRequest, dict | None]], applied: Applied) -> tuple[str, list[dict]]:
         """(this worker's name, the scores of each (request, its pre-edit scores or None)) with `applied`."""
         self.sync(applied)
-        return self.name, [self.scorer(self.lm, r, pre) for r, pre in cases]
+        return self.name, self.scorer.many(self.lm, cases)
+
+    def turn(self, requests: list[EditRequest], applied: Applied, state: dict) -> tuple[dict, dict, dict]:
+        """One sequential batch edited on the model with `applied` (Σ ΔW so far) and the editor's `state`: (Σ ΔW
+        after it, float64; the editor's state after it; the edit's figures). The model is left as `applied` says."""
+        self.sync(applied)
+        if state:
+            self.editor.load_state(state)
+        base = weights_before([e for _, e in self.applied], {})   # W before the run, of the modules edited so far
+        edits = apply_batch(self.lm, self.editor, requests)
+        try:
+            if hasattr(self.editor, "commit"):
+                self.editor.commit(self.lm, requests)
+            total = run_total(self.lm, weights_before(edits, base))
+        finally:
+            revert_all(self.lm, edits)
+        return total, self.editor.state() if hasattr(self.editor, "state") else {}, \
+            {**edit_meta(edits), **checkpoint_figures(edits)}
+
+    def memory(self) -> dict:
+        """This worker's resident memory now and at its peak, in bytes (Linux)."""
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return {k: int(status[f].split()[0]) * 1024 for k, f in (("rss", "VmRSS"), ("peak_rss", "VmHWM"))}
 
     def perplexity(self, applied: Applied) -> float:
         """The perplexity (--ppl-docs) of the model with `applied`."""
@@ -111,19 +140,16 @@ class BatchWorker(ModelWorker):
         return [{**r, "batch": b, "worker": self.name} for r in rows]
 
     def sequential(self, requests: list, batch_size: int, checkpoints, held_out: list, progress: bool,
-                   pre: dict[int, dict], start: RunPoint,
-                   rescore: bool) -> Iterator[tuple[list[dict], RunPoint | None]]:
-        """The whole sequential protocol here from `start`, (a batch's rows, the point after it or None) at a time
-        (progress bars drawn on the driver)."""
+                   pre: dict[int, dict]) -> Iterator[list[dict]]:
+        """The whole sequential protocol here, a batch's rows at a time (progress bars drawn on the driver)."""
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
         self.sync(Applied())
         bar = ray_tqdm if progress and self.in_ray else progress
-        points = []
         for rows in sequential_rows(self.lm, self.editor, requests, batch_size, checkpoints, held_out,
                                     self.spec.method, self.scorer, progress=bar, probe=self.probe, pre=pre,
-                                    start=start, rescore=rescore, on_batch=points.append):
-            yield [{**r, "worker": self.name} for r in rows], points.pop() if points else None
+                                    sample=self.spec.checkpoint_sample):
+            yield [{**r, "worker": self.name} for r in rows]
 
 
 def shares(items: list, n: int) -> list[list]:
@@ -304,20 +330,29 @@ def _written(out: Path) -> set[tuple[int, int]]:
     return set() if table is None else set(zip(table["case_id"].to_pylist(), table["checkpoint"].to_pylist()))
 
 
-def _sequential(run: Run, todo: list, held_out: list, checkpoints, batch_size: int) -> None:
-    """The sequential protocol, MEMIT-family. After each batch, Σ ΔW so far and the solver's state are saved
-    (OUT/run_state.safetensors) before the checkpoint is scored, so a rerun applies them, scores whatever rows
-    the last checkpoint lacks, and goes on from the next batch, reading back the z that batch had saved."""
-    plan, solver = _solver(run)
-    method, model = run.spec.method, plan["model"]
+def _sequential(run: Run, todo: list, held_out: list, checkpoints, batch_size: int, split: bool) -> None:
+    """The sequential protocol over the pool, for editors whose edits are weight deltas. Each batch is edited on the
+    model with the edits so far: split over the workers (`split`, MEMIT family: z and keys by shares, the driver's
+    solve) or by one worker (`turn`: Σ ΔW and the editor's state go in and come back). After each batch Σ ΔW and
+    the solver's or editor's state are saved (OUT/run_state.safetensors) before its checkpoint is scored, every
+    worker scoring a share of the cases with W₀ + Σ ΔW from the object store; so a rerun applies them, scores
+    whatever rows the last checkpoint lacks, and goes on from the next batch (a split batch reading back the z it
+    had saved). Each checkpoint's editing and scoring seconds and the workers' memory go to OUT/checkpoints.json."""
+    if split:
+        plan, solver = _solver(run)
+        fingerprint, model = plan["fingerprint"], plan["model"]
+    else:
+        fingerprint, model = run.pool.infos[0].fingerprint, run.spec.model.name
+    method, sample = run.spec.method, run.spec.checkpoint_sample
     requests = [r for _, b in todo for r in b]
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
-    state = RunState(run.out)
-    n, total, solver_state, meta = state.read([b for _, b in todo], plan["fingerprint"])
+    state, log = RunState(run.out), CheckpointLog(run.out)
+    n, total, own, meta = state.read([b for _, b in todo], fingerprint)
     written = _written(run.out)
-    pre = _pre_scores(run, [*requests, *held_out], plan["fingerprint"])
-    applied = Applied((run.pool.put(Delta(total, {"fingerprint": plan["fingerprint"]})),)) if n else Applied()
-    solver.load_state(solver_state)
+    pre = _pre_scores(run, [*requests, *held_out], fingerprint)
+    applied = Applied((run.pool.put(Delta(total, {"fingerprint": fingerprint})),)) if n else Applied()
+    if split:
+        solver.load_state(own)
     done = [r for _, b in todo[:n] for r in b]
     seconds = dict(meta.get("edit_s", {}))
     if n:
@@ -328,73 +363,71 @@ def _sequential(run: Run, todo: list, held_out: list, checkpoints, batch_size: i
                          dynamic_ncols=True, initial=first, total=len(todo)):
         if b >= n:
             t0 = time.perf_counter()
-            store = TargetStore(run.out / "z" / f"batch-{b}")   # this batch's z, until the state after it is saved
-            delta = _edit(run, solver, plan, batch, applied, store)
-            applied = applied.then(run.pool.put(delta))
-            if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
-                for part in run.pool.scatter(shares(batch, run.pool.size), "kept_keys", applied):
-                    for layer, kkt in part.items():
-                        solver.preserve(layer, kkt)
+            if split:
+                store = TargetStore(run.out / "z" / f"batch-{b}")   # this batch's z, until the state after it is saved
+                delta = _edit(run, solver, plan, batch, applied, store)
+                applied = applied.then(run.pool.put(delta))
+                if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
+                    for part in run.pool.scatter(shares(batch, run.pool.size), "kept_keys", applied):
+                        for layer, kkt in part.items():
+                            solver.preserve(layer, kkt)
+                total = {k: total.get(k, 0) + d for k, d in delta.deltas.items()}
+                own = solver.state()
+                extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
+                shutil.rmtree(store.folder, ignore_errors=True)
+            else:
+                total, own, extra = run.pool.call("turn", batch, applied, own)
+                applied = Applied((run.pool.put(Delta(total, {"fingerprint": fingerprint})),))
+                run.timed("edit", t0)
             seconds.update({r.case_id: (time.perf_counter() - t0) / len(batch) for r in batch})
             done += batch
-            total = {k: total.get(k, 0) + d for k, d in delta.deltas.items()}
-            extra = {**edit_meta([delta]), **checkpoint_figures([delta])}
-            state.write(total, solver.state(), {"batches": b + 1, "case_ids": [r.case_id for r in done],
-                                                "edit_s": seconds, "extra": extra, "fingerprint": plan["fingerprint"]})
-            shutil.rmtree(store.folder, ignore_errors=True)
-        missing = [r for r in [*done, *held_out] if (r.case_id, len(done)) not in written]
+            state.write(total, own, {"batches": b + 1, "case_ids": [r.case_id for r in done], "edit_s": seconds,
+                                     "extra": extra, "fingerprint": fingerprint})
+        cases = [*checkpoint_edits(done, sample, len(done) == cps[-1]), *held_out]
+        missing = [r for r in cases if (r.case_id, len(done)) not in written]
         if len(done) not in cps or not missing:
             continue
+        t0 = time.perf_counter()
         ppl = run.perplexity(applied)
         extra = {**extra, **ppl}
         _write_scored(run, _score(run, missing, applied, pre, f"checkpoint {len(done)}", "eval"),
                       lambda r, post, p: case_row(r, post, p, method=method, model=model, checkpoint=len(done),
                                                   batch=b, role="edit" if r.case_id in seconds else "held_out",
                                                   seconds=seconds.get(r.case_id), extra=extra), pre, b)
+        log.add(len(done), edit_s=sum(seconds[r.case_id] for r in done), score_s=time.perf_counter() - t0,
+                scored=len(missing), memory=run.pool.each("memory"))
         if ppl.get("collapsed") and run.probe.stop:   # --stop-on-collapse
             break
 
 
 def _sequential_whole(run: Run, todo: list, held_out: list, checkpoints, batch_size: int) -> None:
-    """The sequential protocol, other editors: whole on one worker. After each batch the worker hands back Σ ΔW,
-    the editor's state and figures, saved (OUT/run_state.safetensors) once that batch's rows are written, so a rerun
-    goes on from the last batch saved (scoring its checkpoint first if rows of it are missing); a worker that dies
-    starts over on another from where this call began, and only the rows not yet written are written."""
+    """The sequential protocol for editors whose edits are not weight deltas (GRACE's codebook): whole on one
+    worker, its rows streamed a checkpoint at a time. It saves no run state (run_protocol_eval refuses an OUT that
+    holds part of such a run); a worker that dies starts over on another, and only rows not yet written are
+    written."""
     fingerprint = run.pool.infos[0].fingerprint
     requests = [r for _, b in todo for r in b]
-    state = RunState(run.out)
-    n, deltas, own, meta = state.read([b for _, b in todo], fingerprint)
-    if n:
-        print(f"resuming: {n} of {len(todo)} batches already applied, from {state.path}")
     written = _written(run.out)
     pre = _pre_scores(run, [*requests, *held_out], fingerprint)
-    at = sum(map(len, (b for _, b in todo[:n])))
-    rescore = any((r.case_id, at) not in written for r in [*requests[:at], *held_out])
-    start = RunPoint(n, deltas, own, meta.get("edit_s", {}), meta.get("extra", {}))
-    for rows, point in run.pool.generate("sequential", requests, batch_size, checkpoints, list(held_out),
-                                         run.progress, pre, start, rescore):
+    for rows in run.pool.generate("sequential", requests, batch_size, checkpoints, list(held_out), run.progress, pre):
         new = [r for r in rows if (r["case_id"], r["checkpoint"]) not in written]
         run.writer.add_many(new)
         written |= {(r["case_id"], r["checkpoint"]) for r in new}
-        if point is not None:
-            state.write(point.deltas, point.editor, {
-                "batches": point.batches, "case_ids": [r.case_id for _, b in todo[:point.batches] for r in b],
-                "edit_s": point.seconds, "extra": point.figures, "fingerprint": fingerprint})
 
 
-def _sequential_complete(out: Path, requests, held_out, batch_size, checkpoints) -> bool:
+def _sequential_complete(out: Path, requests, held_out, batch_size, checkpoints, sample: int | None) -> bool:
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
-    return read_results(out, ["case_id"]).num_rows == sum(c + len(held_out) for c in cps)
+    return read_results(out, ["case_id"]).num_rows == checkpoint_rows(cps, len(held_out), sample)
 
 
-def stopped_at(out: Path, held_out: int) -> int | None:
-    """The checkpoint a --stop-on-collapse run stopped at: the first flagged `collapsed` whose rows (its edits and
-    the `held_out` cases) are all written; None when there is none."""
+def stopped_at(out: Path, held_out: int, sample: int | None = None) -> int | None:
+    """The checkpoint a --stop-on-collapse run stopped at: the first flagged `collapsed` whose rows (its edits, or
+    their sample, and the `held_out` cases) are all written; None when there is none."""
     if not finished_case_ids(out):
         return None
     table = read_results(out, ["checkpoint", "collapsed"]).to_pydict()
     flagged = Counter(t for t, c in zip(table["checkpoint"], table["collapsed"]) if c)
-    return min((t for t, n in flagged.items() if n == t + held_out), default=None)
+    return min((t for t, n in flagged.items() if n == min(t, sample or t) + held_out), default=None)
 
 
 def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Path,
@@ -417,8 +450,9 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
         todo = [(i, b) for i, b in all_batches if any(r.case_id not in done for r in b)]
     else:
         plan_checkpoints(len(requests), spec.batch_size, spec.checkpoints)   # bad checkpoints fail here
-        complete = _sequential_complete(out, requests, held_out, spec.batch_size, spec.checkpoints) or \
-            (spec.stop_on_collapse and stopped_at(out, len(held_out)) is not None)
+        complete = _sequential_complete(out, requests, held_out, spec.batch_size, spec.checkpoints,
+                                        spec.checkpoint_sample) or \
+            (spec.stop_on_collapse and stopped_at(out, len(held_out), spec.checkpoint_sample) is not None)
         if done and not complete and not (split or RunState(out).path.exists()):
             raise ValueError(f"{out} holds part of a sequential {spec.method} run but no run state to resume from "
                              "(a run whose edits are not weight deltas, e.g. GRACE's, saves none); use another --out "
@@ -428,11 +462,12 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
         todo = [] if complete else all_batches
     PreScores(out).read()   # and a bad file of pre-edit scores
     start, timings = time.time(), {}
-    whole_on_one = spec.protocol == "sequential" and not split
+    whole_on_one = spec.protocol == "sequential" and not weight_deltas(editor)
     if whole_on_one and spec.resources.workers > 1:
         print(f"[kedit] a sequential {spec.method} run edits on one worker (each edit depends on the last): "
               "loading one", flush=True)
-    size = 1 if whole_on_one else len(requests) if split else len(todo)   # no worker without work
+    size = 1 if whole_on_one else len(requests) if spec.protocol == "sequential" or split else len(todo)
+    # (no worker without work: a batch each, a case each)
     try:
         if todo:
             with open_pool(BatchWorker, (spec,), spec.resources, size=size) as pool, \
@@ -441,13 +476,15 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
                 run = Run(pool, spec, editor, out, writer, progress, probe=Probe.of(spec))
                 if spec.protocol == "batch":
                     (_batch if split else _batch_whole)(run, todo, done)
-                elif split:
-                    _sequential(run, todo, list(held_out), spec.checkpoints, spec.batch_size)
+                elif weight_deltas(editor):
+                    _sequential(run, todo, list(held_out), spec.checkpoints, spec.batch_size, split)
                 else:
                     _sequential_whole(run, todo, list(held_out), spec.checkpoints, spec.batch_size)
                 timings = {f"{k}_s": v for k, v in run.seconds.items()}
     finally:
-        stop = {"stopped_at": stopped_at(out, len(held_out))} if spec.stop_on_collapse else {}
+        stop = {"stopped_at": stopped_at(out, len(held_out), spec.checkpoint_sample)} if spec.stop_on_collapse else {}
+        seq = {"checkpoint_sample": spec.checkpoint_sample or "every edit",
+               "checkpoint_log": CheckpointLog(out).read()} if spec.protocol == "sequential" else {}
         summary = finish(out, requests, start, scorer_name(spec.dataset), workers=spec.resources.workers,
-                         protocol=spec.protocol, batch_size=spec.batch_size, timings=timings, **stop)
+                         protocol=spec.protocol, batch_size=spec.batch_size, timings=timings, **stop, **seq)
     return summary

@@ -96,6 +96,9 @@ class LocalPool:
     def broadcast(self, method: str, *args) -> None:
         getattr(self.worker, method)(*args)
 
+    def each(self, method: str, *args) -> list:
+        return [getattr(self.worker, method)(*args)]
+
     def generate(self, method: str, *args) -> Iterator:
         return getattr(self.worker, method)(*args)
 
@@ -267,6 +270,17 @@ class RayPool:
                 ray.get(ref)
             except RayActorError:
                 self._lose(actor)
+
+    def each(self, method: str, *args) -> list:
+        """[`method(*args)`] from every idle worker now (a worker lost meanwhile gives nothing)."""
+        actors = list(self.idle)
+        out = []
+        for actor, ref in [(a, getattr(a, method).remote(*args)) for a in actors]:
+            try:
+                out.append(ray.get(ref))
+            except RayActorError:
+                self._lose(actor)
+        return out
 
     def generate(self, method: str, *args) -> Iterator:
         """The values a generator method yields, run on one worker; if that worker dies, the generator starts

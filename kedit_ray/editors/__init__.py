@@ -23,6 +23,7 @@ from kedit_ray.editors.learned import LearnedParams
 from kedit_ray.editors.memit import Memit, MemitParams
 from kedit_ray.editors.mend import MEND
 from kedit_ray.editors.rome import Rome, RomeParams
+from kedit_ray.editors.ultraedit import UltraEdit, UltraEditParams
 
 EDITORS = {"rome": (Rome, RomeParams)}
 EDITORS["memit"] = (Memit, MemitParams)
@@ -32,6 +33,7 @@ EDITORS["ft"] = (FT, FTParams)
 EDITORS["ft-l"] = (FT, FTLParams)
 EDITORS["ke"] = (KE, LearnedParams)
 EDITORS["mend"] = (MEND, LearnedParams)
+EDITORS["ultraedit"] = (UltraEdit, UltraEditParams)
 
 
 def make_editor(method: str, params: dict | None = None):
@@ -43,4 +45,4 @@ def make_editor(method: str, params: dict | None = None):
 
 __all__ = ["AlphaEdit", "AlphaEditParams", "Delta", "EDITORS", "Edit", "FT", "FTParams", "FTLParams", "Grace",
            "GraceAdaptor", "GraceParams", "KE", "LearnedParams", "MEND", "Memit", "MemitParams", "Rome", "RomeParams",
-           "make_editor"]
+           "UltraEdit", "UltraEditParams", "make_editor"]

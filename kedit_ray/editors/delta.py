@@ -67,6 +67,13 @@ class Delta(Edit):
             set_weight(model, name, w0)
         self._backup = None
 
+    def release(self) -> None:
+        """Leave the delta in the weights for good: forget the copy of W kept to revert (it can be applied again to
+        a model without it)."""
+        if self._backup is None:
+            raise RuntimeError("this delta is not applied")
+        self._backup = None
+
     def weights_before(self) -> dict[str, torch.Tensor]:
         """The weights `apply` saw (kept to revert)."""
         if self._backup is None:

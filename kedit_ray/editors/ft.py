@@ -52,6 +52,7 @@ def default_layer(lm: LM) -> int:
 
 class FT:
     name = "ft"
+    kind = "delta"     # its edits are weight Deltas
 
     def __init__(self, params: FTParams | None = None):
         self.hp = params or FTParams()

@@ -200,6 +200,7 @@ def eps_init(model: str, hp: GraceParams) -> float:
 
 class Grace:
     name = "grace"
+    kind = "adaptor"   # its edits are codebooks hooked onto the model, not weight Deltas
 
     def __init__(self, params: GraceParams | None = None):
         self.hp = params or GraceParams()

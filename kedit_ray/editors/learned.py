@@ -357,6 +357,7 @@ class LearnedEditor:
     Subclasses name their network's classes in `net` (HyperNet class, its config class)."""
 
     name = ""
+    kind = "delta"     # its edits are weight Deltas
     net: tuple[type, type]
 
     def __init__(self, params: LearnedParams | None = None):

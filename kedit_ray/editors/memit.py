@@ -151,6 +151,7 @@ def residual_at_subject(lm: LM, layer: int, requests: list[EditRequest]) -> torc
 
 class Memit(UsesCovariance):
     name = "memit"
+    kind = "delta"     # its edits are weight Deltas
 
     def __init__(self, params: MemitParams | None = None):
         self.hp = params or MemitParams()

@@ -69,6 +69,7 @@ def value_params(lm: LM, hp: ValueParams) -> ValueParams:
 
 class Rome(UsesCovariance):
     name = "rome"
+    kind = "delta"     # its edits are weight Deltas
 
     def __init__(self, params: RomeParams | None = None):
         self.hp = params or RomeParams()

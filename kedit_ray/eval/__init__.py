@@ -1,22 +1,21 @@
-"""Evaluation: per-case scorers by dataset, the protocols (single, batch, sequential), summaries, reports.
+"""Evaluation: scorers by dataset, the protocols (single, batch, sequential), summaries, reports.
 
-A scorer is `scorer(lm, request) -> {metric: float}` on the model as it is now, in the CounterFact column names
-(efficacy_score, paraphrase_score, neighborhood_score and their magnitudes). A scorer that needs its own
-pre-edit result after the edit (zsRE's locality) takes it as a third argument `pre`; `score` passes it on.
-`Scorer` is what a run scores per case: its dataset's figures, plus the generated answers (--generate) and
-fluency (--fluency), in every protocol.
+A dataset's scorer is `scorer(lm, cases) -> [{metric: float}]` for cases (request, its pre-edit scores or None) on
+the model as it is now, in the CounterFact column names (efficacy_score, paraphrase_score, neighborhood_score and
+their magnitudes), all cases in a few forward passes; a scorer that needs a case's own pre-edit result after the
+edit (zsRE's locality) reads it from `pre`. `Scorer` is what a run scores: its dataset's figures, plus the
+generated answers (--generate) and fluency (--fluency), in every protocol.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
-from kedit_ray.eval.counterfact import counterfact_scores, fluency
+from kedit_ray.eval.counterfact import counterfact_many, fluency
 from kedit_ray.eval.generated import generate, generated_scores
-from kedit_ray.eval.zsre import zsre_scores
+from kedit_ray.eval.zsre import zsre_many
+from kedit_ray.requests import EditRequest
 
-SCORERS = {"counterfact": counterfact_scores}
-SCORERS["zsre"] = zsre_scores
+SCORERS = {"counterfact": counterfact_many, "zsre": zsre_many}
 
 
 def scorer_name(dataset: str | None) -> str:
@@ -24,11 +23,9 @@ def scorer_name(dataset: str | None) -> str:
     return dataset if dataset in SCORERS else "counterfact"
 
 
-def score(dataset: str, lm, request, pre: dict | None = None) -> dict:
-    fn = SCORERS[scorer_name(dataset)]
-    if pre is not None and "pre" in inspect.signature(fn).parameters:
-        return fn(lm, request, pre)
-    return fn(lm, request)
+def score(dataset: str, lm, request: EditRequest, pre: dict | None = None) -> dict:
+    """The dataset's figures for one case."""
+    return SCORERS[scorer_name(dataset)](lm, [(request, pre)])[0]
 
 
 @dataclass(frozen=True)
@@ -49,10 +46,16 @@ class Scorer:
         spec = spec_or_dataset
         return cls(scorer_name(spec.dataset), spec.generate, spec.fluency)
 
-    def __call__(self, lm, request, pre: dict | None = None) -> dict:
-        out = score(self.dataset, lm, request, pre)
-        if self.generate:
-            out.update(generated_scores(lm, request))
-        if self.fluency:   # ROME's weighted n-gram entropy of 50-token greedy generations
-            out["fluency"] = fluency(generate(lm, [request.text, *request.paraphrase_prompts]))
-        return out
+    def __call__(self, lm, request: EditRequest, pre: dict | None = None) -> dict:
+        return self.many(lm, [(request, pre)])[0]
+
+    def many(self, lm, cases: list[tuple[EditRequest, dict | None]]) -> list[dict]:
+        """The figures of each (request, its pre-edit scores or None): the dataset's in a few passes for all cases,
+        the generated answers and fluency case by case."""
+        outs = SCORERS[self.dataset](lm, cases)
+        for (request, _), out in zip(cases, outs):
+            if self.generate:
+                out.update(generated_scores(lm, request))
+            if self.fluency:   # ROME's weighted n-gram entropy of 50-token greedy generations
+                out["fluency"] = fluency(generate(lm, [request.text, *request.paraphrase_prompts]))
+        return outs

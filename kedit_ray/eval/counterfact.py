@@ -7,6 +7,7 @@ from collections import Counter
 import torch
 
 from kedit_ray.editors.toolkit import pad, target_ids
+from kedit_ray.eval.forced import forced_reads
 from kedit_ray.models import LM, head_at
 from kedit_ray.requests import EditRequest
 
@@ -36,20 +37,17 @@ def target_nll(lm: LM, prompts: list[str], targets: list[str]) -> torch.Tensor:
     return (total / torch.bincount(pair_t, minlength=len(prompts))).cpu()
 
 
-def counterfact_scores(lm: LM, req: EditRequest) -> dict[str, float]:
-    """The six CounterFact figures for one case on the model as it is now."""
+def pairs(req: EditRequest) -> list[tuple[str, str, str]]:
+    """(prompt, preferred answer, other answer) per prompt: (o*, o) after the rewrite and paraphrase prompts,
+    (o, o*) after each neighbour."""
     if not req.target_true:
         raise ValueError(f"case {req.case_id}: CounterFact metrics need target_true (the true object o)")
-    groups = {"efficacy": [req.text], "paraphrase": req.paraphrase_prompts}
-    prompts, targets = [], []
-    for ps in groups.values():  # (o*, o) per prompt
-        for p in ps:
-            prompts += [p, p]
-            targets += [req.target_new, req.target_true]
-    for n, a in zip(req.neighborhood_prompts, req.neighborhood_answers):  # (o, o*) per neighbour
-        prompts += [n, n]
-        targets += [a, req.target_new]
-    nll = target_nll(lm, prompts, targets).view(-1, 2) if prompts else torch.zeros(0, 2)
+    own = [(p, req.target_new, req.target_true) for p in [req.text, *req.paraphrase_prompts]]
+    return own + [(n, a, req.target_new) for n, a in zip(req.neighborhood_prompts, req.neighborhood_answers)]
+
+
+def figures(req: EditRequest, nll: torch.Tensor) -> dict[str, float]:
+    """The six figures from NLL [prompts, 2] of (preferred, other) per prompt, in the order of `pairs`."""
     out, start = {}, 0
     for name, n in [("efficacy", 1), ("paraphrase", len(req.paraphrase_prompts)),
                     ("neighborhood", len(req.neighborhood_prompts))]:
@@ -58,6 +56,29 @@ def counterfact_scores(lm: LM, req: EditRequest) -> dict[str, float]:
         # score: the preferred answer has the lower NLL; magnitude: the probability gap
         out[f"{name}_score"] = (x[:, 0] < x[:, 1]).double().mean().item() if n else math.nan
         out[f"{name}_magnitude"] = (torch.exp(-x[:, 0]) - torch.exp(-x[:, 1])).double().mean().item() if n else math.nan
+    return out
+
+
+def counterfact_scores(lm: LM, req: EditRequest) -> dict[str, float]:
+    """The six CounterFact figures for one case, one padded pass of two rows per prompt: the reference
+    implementation that `counterfact_many` is checked and benchmarked against (tests/test_fast_scoring.py)."""
+    ps = pairs(req)
+    prompts = [p for p, _, _ in ps for _ in (0, 1)]
+    targets = [t for _, a, b in ps for t in (a, b)]
+    return figures(req, target_nll(lm, prompts, targets).view(-1, 2))
+
+
+def counterfact_many(lm: LM, cases: list[tuple[EditRequest, dict | None]]) -> list[dict[str, float]]:
+    """The six CounterFact figures of each case (its pre-edit dict is not used), all cases in a few passes."""
+    ps = [pairs(req) for req, _ in cases]
+    ids = {t: target_ids(lm, t) for c in ps for _, a, b in c for t in (a, b)}
+    flat = [(p, ids[t]) for c in ps for p, a, b in c for t in (a, b)]
+    reads = forced_reads(lm, [p for p, _ in flat], [t for _, t in flat])
+    nll = torch.stack([-lp.sum() / len(lp) for _, lp in reads]) if reads else torch.zeros(0)  # NLL(t | p)
+    out, start = [], 0
+    for (req, _), c in zip(cases, ps):
+        out.append(figures(req, nll[start:start + 2 * len(c)].view(-1, 2)))
+        start += 2 * len(c)
     return out
 
 

@@ -8,8 +8,8 @@ sequential  batches applied one after another, never reverted (`editor.commit(lm
             always one) every edit made so far is scored (role "edit"), and so is a fixed held-out set of
             unrelated cases (role "held_out"), which gives TRR (kedit_ray.eval.lifelong). Pre-edit scores are
             those of the unedited model. Rows: checkpoint = T. With --stop-on-collapse the run ends after the
-            first checkpoint flagged `collapsed`. After each batch the run can hand out a `RunPoint` (Σ ΔW so
-            far and the editor's state), and it can start from one: so a long run resumes where it stopped.
+            first checkpoint flagged `collapsed`. (Across Ray workers, kedit_ray.distributed.batch edits batch
+            after batch from Σ ΔW so far and the editor's state, saved after each: a long run resumes there.)
 
 `scorer` is a Scorer (the dataset's figures, --generate, --fluency) or a dataset's name. Rows carry its figures,
 their `pre_` twins, `checkpoint`, `role`, `batch` (index), `edit_seconds`
@@ -21,9 +21,9 @@ on that model.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -33,7 +33,7 @@ from kedit_ray.eval import Scorer
 from kedit_ray.eval.perplexity import Probe
 from kedit_ray.eval.summary import summarize
 from kedit_ray.models import LM
-from kedit_ray.models.weights import weight
+from kedit_ray.models.weights import set_weight, weight
 from kedit_ray.requests import EditRequest
 
 
@@ -123,7 +123,7 @@ def batch_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, met
     if probe:
         probe.before(lm)
     for b, batch in enumerate(bar(batches(requests, batch_size), f"batch {method}", "batch", progress)):
-        pre = {r.case_id: scorer(lm, r) for r in batch}
+        pre = {r.case_id: s for r, s in zip(batch, scorer.many(lm, [(r, None) for r in batch]))}
         t0 = time.perf_counter()
         try:
             edits = apply_batch(lm, editor, batch)
@@ -133,8 +133,9 @@ def batch_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, met
         seconds = (time.perf_counter() - t0) / len(batch)
         try:
             extra = {**edit_meta(edits), **checkpoint_figures(edits), **(probe.after(lm) if probe else {})}
-            rows = [case_row(r, scorer(lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
-                             checkpoint=len(batch), batch=b, seconds=seconds, extra=extra) for r in batch]
+            posts = scorer.many(lm, [(r, pre[r.case_id]) for r in batch])
+            rows = [case_row(r, post, pre[r.case_id], method=method, model=lm.name, checkpoint=len(batch), batch=b,
+                             seconds=seconds, extra=extra) for r, post in zip(batch, posts)]
         finally:
             revert_all(lm, edits)
         yield rows
@@ -147,63 +148,73 @@ def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, meth
     return [r for rows in batch_rows(lm, editor, requests, batch_size, method, scorer, progress, probe) for r in rows]
 
 
-@dataclass
-class RunPoint:
-    """Where a sequential run stands after a batch, enough to go on from there: the batches applied, Σ ΔW of
-    their edits (W now − W before the run, in float64: W + Σ ΔW gives W now bit for bit), the editor's own state
-    (`editor.state()`, e.g. ROME's kept keys), each edit's seconds and the last batch's per-row figures."""
+def checkpoint_edits(done: list[EditRequest], sample: int | None, last: bool) -> list[EditRequest]:
+    """The edits a checkpoint scores: every one at the last checkpoint or without `sample`; else a fixed, seeded
+    sample of `sample` of them (the cases of lowest rank, a case's rank drawn from its case_id alone)."""
+    if sample is None or last or len(done) <= sample:
+        return done
+    return sorted(sorted(done, key=lambda r: random.Random(r.case_id).random())[:sample], key=lambda r: r.case_id)
 
-    batches: int = 0
-    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
-    editor: dict[str, torch.Tensor] = field(default_factory=dict)
-    seconds: dict[int, float] = field(default_factory=dict)
-    figures: dict = field(default_factory=dict)
+
+def checkpoint_rows(checkpoints: list[int], held_out: int, sample: int | None) -> int:
+    """The rows a complete sequential run writes."""
+    return sum((c if sample is None or c == checkpoints[-1] else min(c, sample)) + held_out for c in checkpoints)
+
+
+def weights_before(edits: list, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`base` (W before the run, per module) with the modules these weight deltas touch for the first time."""
+    for e in edits:
+        base = {**e.weights_before(), **base}
+    return base
+
+
+def run_total(lm: LM, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Σ ΔW so far, W now − W before the run in float64 (W before + it gives W now bit for bit)."""
+    return {k: (weight(lm.model, k).double() - w0.double()).cpu() for k, w0 in base.items()}
 
 
 def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,
                     held_out: list[EditRequest], method: str, scorer: Scorer | str = "counterfact",
                     progress: bool | Callable = True, probe: Probe | None = None, pre: dict[int, dict] | None = None,
-                    start: RunPoint | None = None, rescore: bool = False,
-                    on_batch: Callable[[RunPoint], None] | None = None) -> Iterator[list[dict]]:
+                    sample: int | None = None) -> Iterator[list[dict]]:
     """The sequential protocol, a list of rows per batch (empty but at checkpoints). `pre`: the unedited model's
-    scores, when known; `start`: a point to go on from (its batches are not edited again; with `rescore`, its
-    checkpoint is scored first); `on_batch` gets the point after each batch, before its rows are yielded, while
-    every edit is a weight delta (a GRACE run has none). The model is restored at the end (or when the generator
-    is closed early)."""
+    scores, when known; `sample`: the edits scored at a checkpoint before the last (checkpoint_edits). The model is
+    restored at the end (or when the generator is closed early). Memory does not grow with the edits: the weights
+    before the run are kept once, not a copy per edit."""
     if overlap := {r.case_id for r in requests} & {r.case_id for r in held_out}:
         raise ValueError(f"held-out cases must not be edited; both hold case_ids {sorted(overlap)[:10]}")
     scorer = Scorer.of(scorer)
     todo = batches(requests, batch_size)
     cps = plan_checkpoints(len(requests), batch_size, checkpoints)
     if pre is None:
-        pre = {r.case_id: scorer(lm, r) for r in bar([*requests, *held_out], "pre-edit scores", "case", progress)}
+        cases = [*requests, *held_out]   # scored 32 at a time under the bar
+        pre = {r.case_id: s for i in bar(range(0, len(cases), 32), "pre-edit scores", "32 cases", progress)
+               for r, s in zip(cases[i:i + 32], scorer.many(lm, [(r, None) for r in cases[i:i + 32]]))}
     if probe:
         probe.before(lm)
-    start = start or RunPoint()
-    done, seconds = [r for b in todo[:start.batches] for r in b], dict(start.seconds)
-    resumable = on_batch is not None and (hasattr(editor, "state") or not hasattr(editor, "commit"))
+    done: list[EditRequest] = []
+    seconds: dict[int, float] = {}
 
     def scored(b: int, figures: dict) -> list[dict]:
-        """Every edit so far and the held-out cases, on the model as it is (checkpoint len(done))."""
-        return [case_row(r, scorer(lm, r, pre[r.case_id]), pre[r.case_id], method=method, model=lm.name,
-                         checkpoint=len(done), batch=b, role=role, extra=figures,
-                         seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None)
-                for role, cases in (("edit", done), ("held_out", held_out)) for r in cases]
+        """The edits so far (or their sample) and the held-out cases, on the model as it is (checkpoint len(done))."""
+        edits = checkpoint_edits(done, sample, len(done) == cps[-1])
+        cases = [(role, r) for role, rs in (("edit", edits), ("held_out", held_out)) for r in rs]
+        posts = scorer.many(lm, [(r, pre[r.case_id]) for _, r in cases])
+        return [case_row(r, post, pre[r.case_id], method=method, model=lm.name, checkpoint=len(done), batch=b,
+                         role=role, extra=figures, seconds=seconds.get(r.case_id, math.nan) if role == "edit" else None)
+                for (role, r), post in zip(cases, posts)]
 
-    applied = [Delta(start.deltas).apply(lm.model)] if start.deltas else []
+    base: dict[str, torch.Tensor] = {}          # W before the run, per module a weight delta has touched
+    adaptors: list = []                         # edits that are not weight deltas (GRACE), reverted at the end
     try:
-        if start.editor:
-            editor.load_state(start.editor)
-        if rescore and start.batches and len(done) in cps:
-            ppl = probe.after(lm) if probe else {}
-            yield scored(start.batches - 1, {**start.figures, **ppl})
-            if probe and probe.stop and ppl.get("collapsed"):
-                return
-        for b, batch in enumerate(bar(todo[start.batches:], f"sequential {method}", "batch", progress),
-                                  start=start.batches):
+        for b, batch in enumerate(bar(todo, f"sequential {method}", "batch", progress)):
             t0 = time.perf_counter()
             edits = apply_batch(lm, editor, batch)
-            applied += edits
+            deltas = [e for e in edits if isinstance(e, Delta)]
+            base = weights_before(deltas, base)
+            for e in deltas:
+                e.release()                     # applied for good: `base` holds the one copy of W kept
+            adaptors += [e for e in edits if not isinstance(e, Delta)]
             if hasattr(editor, "commit"):
                 editor.commit(lm, batch)
             seconds.update({r.case_id: (time.perf_counter() - t0) / len(batch) for r in batch})
@@ -211,19 +222,13 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
             figures = {**edit_meta(edits), **checkpoint_figures(edits)}
             ppl = probe.after(lm) if probe and len(done) in cps else {}
             rows = scored(b, {**figures, **ppl}) if len(done) in cps else []
-            resumable = resumable and all(isinstance(e, Delta) for e in edits)
-            if resumable:
-                base = {}   # W before the run, from the first edit of each module
-                for e in applied:
-                    base = {**e.weights_before(), **base}
-                total = {k: (weight(lm.model, k).double() - w0.double()).cpu() for k, w0 in base.items()}
-                on_batch(RunPoint(b + 1, total, editor.state() if hasattr(editor, "state") else {}, dict(seconds),
-                                  figures))
             yield rows
             if probe and probe.stop and ppl.get("collapsed"):   # --stop-on-collapse
                 return
     finally:
-        revert_all(lm, applied)
+        revert_all(lm, adaptors)
+        for name, w0 in base.items():
+            set_weight(lm.model, name, w0)
         if hasattr(editor, "reset"):
             editor.reset()
 

@@ -253,16 +253,23 @@ def error_lines(runs: list[Run]) -> str:
 
 def checkpoint_table(summaries: dict[str, dict]) -> str:
     """Per run and checkpoint, in the layout of the GRACE paper's table: TRR, ERR, their average, #keys (GRACE's
-    codebook; "-" for the others), then ES / PS / NS / S of the edits so far."""
+    codebook; "-" for the others), then ES / PS / NS / S of the edits so far (of their sample, with
+    --checkpoint-sample), and where the run logged them the seconds spent editing up to the checkpoint and scoring
+    it, and the workers' largest resident memory then."""
     shown = columns(summaries.values())
-    head = ["run", "method", "edits", "TRR", "ERR", "Avg", "#keys"] + [c for c, _ in shown]
+    head = ["run", "method", "edits", "TRR", "ERR", "Avg", "#keys"] + [c for c, _ in shown] + \
+        ["edit s", "score s", "RSS GB"]
     lines = [head]
     for run, s in summaries.items():
+        log = {str(e["edits"]): e for e in s.get("checkpoint_log") or []}
         for t, c in sorted(s.get("checkpoints", {}).items(), key=lambda kv: int(kv[0])):
             both = None if c.get("TRR") is None or c.get("ERR") is None else (c["TRR"] + c["ERR"]) / 2
             keys = c.get("ckpt_codebook_keys")
+            e = log.get(t, {})
             lines.append([run, str(s.get("method")), t, _fmt(c.get("TRR")), _fmt(c.get("ERR")), _fmt(both),
-                          "-" if keys is None else f"{keys:.0f}"] + [_fmt(c.get(key)) for _, key in shown])
+                          "-" if keys is None else f"{keys:.0f}"] + [_fmt(c.get(key)) for _, key in shown] +
+                         [f"{e['edit_s']:.0f}" if e else "-", f"{e['score_s']:.0f}" if e else "-",
+                          f"{e['rss'] / 2**30:.2f}" if e else "-"])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
 

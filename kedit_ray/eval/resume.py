@@ -5,6 +5,8 @@
     OUT/z/batch-<B>/z-....safetensors           the sequential protocol's z of batch B, until the state after it
     OUT/run_state.safetensors   a sequential run: batches applied, Σ ΔW so far, the solver's or editor's own
                                 state (`state()`: AlphaEdit's K_p K_pᵀ, ROME's kept keys) and the figures kept
+    OUT/checkpoints.json        a sequential run: per checkpoint scored, its editing and scoring seconds and the
+                                workers' memory (summed over sittings: a resumed run adds to it)
 
 Every reader names its file when the file is not one this tool wrote, or was made on another model.
 """
@@ -20,6 +22,7 @@ from kedit_ray.requests import EditRequest
 
 PRE_SCORES = "pre_scores.json"
 RUN_STATE = "run_state.safetensors"
+CHECKPOINTS = "checkpoints.json"
 
 
 class PreScores:
@@ -118,3 +121,28 @@ class RunState:
         save_tensors(self.path, {**{f"delta/{k}": v for k, v in deltas.items()},
                                  **{f"solver/{k}": v for k, v in solver.items()}},
                      {"run_state": json.dumps(meta)})
+
+
+class CheckpointLog:
+    """OUT/checkpoints.json: per checkpoint, the editing seconds of every edit so far (`edit_s`), the seconds spent
+    scoring it (`score_s`, added up when a resumed run scores the rest), the cases scored and each worker's memory
+    then (`rss`, `peak_rss`, bytes)."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / CHECKPOINTS
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        try:
+            return list(json.loads(self.path.read_text()))
+        except Exception as exc:  # noqa: BLE001 - name the file
+            raise ValueError(f"{self.path}: not a checkpoint log this tool wrote ({exc}); delete it") from exc
+
+    def add(self, edits: int, edit_s: float, score_s: float, scored: int, memory: list[dict]) -> None:
+        log = {e["edits"]: e for e in self.read()}
+        old = log.get(edits, {})
+        log[edits] = {"edits": edits, "edit_s": edit_s, "score_s": old.get("score_s", 0.0) + score_s,
+                      "scored": old.get("scored", 0) + scored,
+                      "rss": max(m["rss"] for m in memory), "peak_rss": max(m["peak_rss"] for m in memory)}
+        write_json(self.path, [log[k] for k in sorted(log)])

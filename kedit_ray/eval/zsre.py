@@ -9,17 +9,20 @@
                         eval does) whose argmax is unchanged by the edit, i.e. equals the pre-edit argmax
     *_magnitude         mean probability of the reference tokens (o*'s tokens; for locality the pre-edit argmaxes)
 
-The locality needs the unedited predictions: call `zsre_scores(lm, req)` before the edit (its
-`neighborhood_argmax` holds them, and its neighborhood figures are 1 by definition), then
-`zsre_scores(lm, req, pre)` after it with that dict (plain or `pre_`-prefixed keys).
+The locality needs the unedited predictions: score the case before the edit (its `neighborhood_argmax` holds
+them, and its neighborhood figures are 1 by definition), then after it with that dict as `pre` (plain or
+`pre_`-prefixed keys). `zsre_many` scores many cases in a few passes; `zsre_scores`, one case at a time, is the
+reference it is checked and benchmarked against.
 """
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import torch
 
 from kedit_ray.editors.toolkit import pad, target_ids
+from kedit_ray.eval.forced import forced_reads
 from kedit_ray.models import LM, head_at
 from kedit_ray.requests import EditRequest
 
@@ -51,21 +54,29 @@ def teacher_forced(lm: LM, prompts: list[str], targets: list[list[int]]) -> list
     return out
 
 
-def _accuracy(results: list[tuple[torch.Tensor, torch.Tensor]], refs: list[list[int]]) -> tuple[float, float]:
-    """Token accuracy and mean reference-token probability, averaged per prompt over its tokens, then over prompts."""
-    if not results:
+def _accuracy(argmax: list[torch.Tensor], refs: list[list[int]], probs: list[torch.Tensor]) -> tuple[float, float]:
+    """Token accuracy (argmax == reference token) and mean reference-token probability `probs`, averaged per prompt
+    over its tokens, then over prompts."""
+    if not argmax:
         return math.nan, math.nan
-    acc, mag = [], []
-    for (am, p), ref in zip(results, refs):
-        ref_t = torch.tensor(ref)
-        acc.append((am == ref_t).double().mean().item())
-        mag.append(p.gather(1, ref_t[:, None]).double().mean().item())
+    acc = [(a == torch.tensor(ref)).double().mean().item() for a, ref in zip(argmax, refs)]
+    mag = [p.double().mean().item() for p in probs]
     return sum(acc) / len(acc), sum(mag) / len(mag)
 
 
+def pre_argmax(req: EditRequest, pre: dict, n: int) -> list[int]:
+    """The pre-edit argmaxes of the loc answer's `n` tokens, from the case's pre-edit scores."""
+    ref = pre.get("neighborhood_argmax", pre.get("pre_neighborhood_argmax"))
+    if ref is None or len(ref) != n:
+        raise ValueError(f"case {req.case_id}: zsRE locality needs the pre-edit predictions "
+                         f"('neighborhood_argmax' of zsre_scores on the unedited model)")
+    return list(ref)
+
+
 def zsre_scores(lm: LM, req: EditRequest, pre: dict | None = None) -> dict:
-    """The zsRE figures for one case on the model as it is now; `pre` is this function's result on the
-    unedited model (needed for locality after an edit)."""
+    """The zsRE figures for one case on the model as it is now, one padded pass of a row per prompt with the
+    whole softmax kept; `pre` is this function's result on the unedited model (needed for locality after an
+    edit). The reference implementation of `zsre_many` (tests/test_fast_scoring.py, benchmarks/bench_scoring.py)."""
     new = target_ids(lm, req.target_new)
     groups = {"efficacy": [req.text], "paraphrase": list(req.paraphrase_prompts)}
     port = [target_ids(lm, a) for a in req.portability_answers]
@@ -74,26 +85,57 @@ def zsre_scores(lm: LM, req: EditRequest, pre: dict | None = None) -> dict:
     prompts = groups["efficacy"] + groups["paraphrase"] + list(req.portability_prompts) + locs
     n_new = len(prompts) - len(port) - len(locs)
     res = teacher_forced(lm, prompts, [new] * n_new + port + answers) if prompts else []
+
+    def accuracy(part, refs):
+        return _accuracy([a for a, _ in part], refs, [p.gather(1, torch.tensor(r)[:, None])[:, 0]
+                                                      for (_, p), r in zip(part, refs)])
+
     out: dict = {}
     start = 0
     for name, ps in groups.items():
-        out[f"{name}_score"], out[f"{name}_magnitude"] = _accuracy(res[start:start + len(ps)], [new] * len(ps))
+        out[f"{name}_score"], out[f"{name}_magnitude"] = accuracy(res[start:start + len(ps)], [new] * len(ps))
         start += len(ps)
-    out["portability_score"] = _accuracy(res[start:start + len(port)], port)[0] if port else None
+    out["portability_score"] = accuracy(res[start:start + len(port)], port)[0] if port else None
     start += len(port)
     loc_res = res[start:]
     argmax = [int(t) for am, _ in loc_res for t in am]
-    if pre is None:
-        ref = argmax
-    else:
-        ref = pre.get("neighborhood_argmax", pre.get("pre_neighborhood_argmax"))
-        if ref is None or len(ref) != len(argmax):
-            raise ValueError(f"case {req.case_id}: zsRE locality needs the pre-edit predictions "
-                             f"('neighborhood_argmax' of zsre_scores on the unedited model)")
+    ref = argmax if pre is None else pre_argmax(req, pre, len(argmax))
     refs, k = [], 0
     for am, _ in loc_res:
         refs.append(list(ref[k:k + len(am)]))
         k += len(am)
-    out["neighborhood_score"], out["neighborhood_magnitude"] = _accuracy(loc_res, refs)
+    out["neighborhood_score"], out["neighborhood_magnitude"] = accuracy(loc_res, refs)
     out["neighborhood_argmax"] = argmax
+    return out
+
+
+def zsre_many(lm: LM, cases: list[tuple[EditRequest, dict | None]]) -> list[dict]:
+    """`zsre_scores` of each (case, its pre-edit dict or None), all cases in a few passes."""
+    blocks = []   # per case and block: (prompt, forced ids, reference ids or None: the argmax) per prompt
+    for req, pre in cases:
+        new = target_ids(lm, req.target_new)
+        port = [target_ids(lm, a) for a in req.portability_answers]
+        answers = [target_ids(lm, a) for a in req.neighborhood_answers]
+        ref = None if pre is None else pre_argmax(req, pre, sum(map(len, answers)))
+        ends = accumulate(map(len, answers))
+        blocks.append({"efficacy": [(req.text, new, new)],
+                       "paraphrase": [(p, new, new) for p in req.paraphrase_prompts],
+                       "portability": [(p, a, a) for p, a in zip(req.portability_prompts, port)],
+                       "neighborhood": [(loc_prompt(n), a, None if ref is None else ref[e - len(a):e])
+                                        for n, a, e in zip(req.neighborhood_prompts, answers, ends)]})
+    flat = [x for b in blocks for xs in b.values() for x in xs]
+    res = iter(forced_reads(lm, [p for p, _, _ in flat], [t for _, t, _ in flat], [r for _, _, r in flat]))
+    out = []
+    for b in blocks:
+        figs, argmax = {}, {}
+        for name, xs in b.items():
+            got = [next(res) for _ in xs]
+            argmax[name] = [a for a, _ in got]
+            refs = [a.tolist() if r is None else r for (_, _, r), a in zip(xs, argmax[name])]
+            figs[name] = _accuracy(argmax[name], refs, [lp.exp() for _, lp in got])
+        out.append({"efficacy_score": figs["efficacy"][0], "efficacy_magnitude": figs["efficacy"][1],
+                    "paraphrase_score": figs["paraphrase"][0], "paraphrase_magnitude": figs["paraphrase"][1],
+                    "portability_score": figs["portability"][0] if b["portability"] else None,
+                    "neighborhood_score": figs["neighborhood"][0], "neighborhood_magnitude": figs["neighborhood"][1],
+                    "neighborhood_argmax": [int(t) for a in argmax["neighborhood"] for t in a]})
     return out
