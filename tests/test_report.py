@@ -75,3 +75,14 @@ def test_table_shows_portability_when_a_run_has_it():
     with_port = {**cf, "checkpoints": {"2": {"efficacy_score": 1.0, "portability_score": 0.75}}}
     head, line = checkpoint_table({"b": with_port}).splitlines()
     assert head.split()[-1] == "Port" and line.split()[-1] == "0.750"
+
+
+def test_checkpoint_table_shows_the_logged_seconds_and_memory():
+    from kedit_ray.eval.report import checkpoint_table
+
+    run = {"method": "ultraedit", "checkpoints": {"100": {"efficacy_score": 1.0}, "200": {"efficacy_score": 0.9}},
+           "checkpoint_log": [{"edits": 100, "edit_s": 12.4, "score_s": 30.0, "scored": 120, "rss": 3 * 2**30,
+                               "peak_rss": 3 * 2**30}]}
+    head, first, second = checkpoint_table({"r": run}).splitlines()
+    assert head.split()[-6:] == ["edit", "s", "score", "s", "RSS", "GB"]
+    assert first.split()[-3:] == ["12", "30", "3.00"] and second.split()[-3:] == ["-", "-", "-"]

@@ -257,8 +257,9 @@ def checkpoint_table(summaries: dict[str, dict]) -> str:
     --checkpoint-sample), and where the run logged them the seconds spent editing up to the checkpoint and scoring
     it, and the workers' largest resident memory then."""
     shown = columns(summaries.values())
+    logged = any(s.get("checkpoint_log") for s in summaries.values())
     head = ["run", "method", "edits", "TRR", "ERR", "Avg", "#keys"] + [c for c, _ in shown] + \
-        ["edit s", "score s", "RSS GB"]
+        ["edit s", "score s", "RSS GB"] * logged
     lines = [head]
     for run, s in summaries.items():
         log = {str(e["edits"]): e for e in s.get("checkpoint_log") or []}
@@ -269,7 +270,7 @@ def checkpoint_table(summaries: dict[str, dict]) -> str:
             lines.append([run, str(s.get("method")), t, _fmt(c.get("TRR")), _fmt(c.get("ERR")), _fmt(both),
                           "-" if keys is None else f"{keys:.0f}"] + [_fmt(c.get(key)) for _, key in shown] +
                          [f"{e['edit_s']:.0f}" if e else "-", f"{e['score_s']:.0f}" if e else "-",
-                          f"{e['rss'] / 2**30:.2f}" if e else "-"])
+                          f"{e['rss'] / 2**30:.2f}" if e else "-"] * logged)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
 
