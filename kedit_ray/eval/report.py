@@ -67,6 +67,7 @@ class Run:
 def load_run(run_dir: str | Path) -> Run:
     from kedit_ray.results import read_results   # names and quarantines a damaged part
     from kedit_ray.eval import scorer_name
+    from kedit_ray.eval.resume import CheckpointLog
 
     if not (Path(run_dir) / "results").is_dir():
         raise FileNotFoundError(f"{run_dir} holds no results/ (is it a `kedit eval --out` directory?)")
@@ -77,6 +78,7 @@ def load_run(run_dir: str | Path) -> Run:
     written = Path(run_dir) / "summary.json"
     if written.exists():   # the protocol is in the run's summary.json, not in its rows
         summary.setdefault("protocol", json.loads(written.read_text()).get("protocol"))
+    summary["checkpoint_log"] = CheckpointLog(run_dir).read()   # a sequential run's seconds and memory
     return Run(str(run_dir), table.to_pydict(), summary, dataset)
 
 
