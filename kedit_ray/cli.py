@@ -35,7 +35,8 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
                    help="UltraEdit: the projections edited in each layer, Arch fields (mlp_in, mlp_out) or templates "
                         "such as 'model.layers.{}.mlp.gate_proj', comma-separated (default: mlp_in and gate_proj)")
     g.add_argument("--eta", type=positive_float, default=None,
-                   help="UltraEdit: η, the step of the pseudo-values v = −η‖k̂‖²ĝ (default: measured per model)")
+                   help="UltraEdit: η, the step of the pseudo-values v = −η‖k̂‖²ĝ (default: measured per "
+                        "model)")
     g.add_argument("--mom2-weight", type=float, default=None,
                    help="MEMIT/AlphaEdit: λ, the weight of C (default: measured per model, gemma-3-270m 200, "
                         "smollm2-135m 2000; else the paper's 15000)")
@@ -265,7 +266,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre", "user"],
                    help="the layout of --data and the metrics (auto: from the first record's keys)")
     p.add_argument("--data", required=True, nargs="+",
-                   help="requests file(s) (JSON, JSONL or Parquet), read one after another")
+                   help="requests file(s) (JSON, JSONL or Parquet) of one dataset, read one after another (zsRE "
+                        "records, numbered by their index, are numbered on after the files before)")
     p.add_argument("--drop-repeats", action="store_true",
                    help="drop the later copy of a request whose subject and prompt came before (says how many)")
     p.add_argument("--limit", type=count, default=None, help="the first N valid records (default: all)")
@@ -305,19 +307,28 @@ def _requests(args: argparse.Namespace, limit: int | None) -> list:
     """The valid requests of --data (the first `limit`), each prompt checked against the model's context."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from dataclasses import replace
+
     from kedit_ray.datasets import load_requests
-    from kedit_ray.datasets.load import fits_context
+    from kedit_ray.datasets.load import dataset_of, fits_context
     from kedit_ray.models.loading import check_model
     from kedit_ray.stats.cache import context_length
 
     path = check_model(args.model)   # a model that is not there fails here, in seconds, before any worker
     config = AutoConfig.from_pretrained(path)
     context = context_length(getattr(config, "text_config", None) or config)
+    kinds = {data: dataset_of(data, args.dataset) for data in args.data}
+    if len(set(kinds.values())) > 1:
+        raise UsageError("--data: the files hold different datasets ("
+                         f"{', '.join(f'{d}: {k}' for d, k in kinds.items())})")
     requests, problems, check = [], [], fits_context(AutoTokenizer.from_pretrained(path), context)
     for data in args.data:   # with --drop-repeats, the limit applies to what is left
         left = None if limit is None or args.drop_repeats else limit - len(requests)
         if left != 0:
             more, bad = load_requests(data, args.dataset, left, args.skip_invalid, check=check)
+            if kinds[data] == "zsre" and requests:   # numbered by their index in the file: after the files before
+                after = max(r.case_id for r in requests) + 1
+                more = [replace(r, case_id=r.case_id + after) for r in more]
             requests, problems = requests + more, problems + bad
     if args.drop_repeats:
         requests = drop_repeats(requests)[:limit]

@@ -350,6 +350,12 @@ def test_several_data_files_and_drop_repeats(tmp_path, tiny_dir, capsys):
     assert read(a, b, drop=True, limit=2) == [0, 1] and read(a, b, limit=4) == [0, 1, 2, 12]
     with pytest.raises(UsageError, match="case_ids repeat across the files"):
         read(a, a)
+    z = tmp_path / "z.json"   # zsRE records are numbered by their index: a second file's go on after the first's
+    z.write_text(json.dumps([{"subject": s, "src": f"Where is {s}?", "alt": "Rome", "pred": "Paris"}
+                             for s in ("Space Needle", "Eiffel Tower")]))
+    assert read(z, z) == [0, 1, 2, 3]
+    with pytest.raises(UsageError, match="different datasets"):
+        read(a, z)
 
 
 def test_sequential_keeps_one_copy_of_the_weights(tiny_lm):
