@@ -33,7 +33,8 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
                         "model)")
     g.add_argument("--modules", type=lambda s: [m for m in s.split(",") if m], default=None,
                    help="UltraEdit: the projections edited in each layer, Arch fields (mlp_in, mlp_out) or templates "
-                        "such as 'model.layers.{}.mlp.gate_proj', comma-separated (default: mlp_in and gate_proj)")
+                        "such as 'model.layers.{}.mlp.gate_proj', comma-separated (default: measured per model, else "
+                        "mlp_in)")
     g.add_argument("--eta", type=positive_float, default=None,
                    help="UltraEdit: η, the step of the pseudo-values v = −η‖k̂‖²ĝ (default: measured per "
                         "model)")
@@ -305,9 +306,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def _requests(args: argparse.Namespace, limit: int | None) -> list:
     """The valid requests of --data (the first `limit`), each prompt checked against the model's context."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from dataclasses import replace
+
+    from transformers import AutoConfig, AutoTokenizer
 
     from kedit_ray.datasets import load_requests
     from kedit_ray.datasets.load import dataset_of, fits_context
