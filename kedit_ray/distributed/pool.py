@@ -263,13 +263,7 @@ class RayPool:
     def broadcast(self, method: str, *args) -> None:
         """`method(*args)` on every worker now, and on every replacement before it takes work."""
         self.setup.append((method, args))
-        actors = list(self.idle)
-        refs = [getattr(a, method).remote(*args) for a in actors]
-        for actor, ref in zip(actors, refs):
-            try:
-                ray.get(ref)
-            except RayActorError:
-                self._lose(actor)
+        self.each(method, *args)
 
     def each(self, method: str, *args) -> list:
         """[`method(*args)`] from every idle worker now (a worker lost meanwhile gives nothing)."""
