@@ -45,8 +45,8 @@ from kedit_ray.editors.memit import spread
 from kedit_ray.eval import Scorer, scorer_name
 from kedit_ray.eval.perplexity import Probe, perplexity
 from kedit_ray.eval.protocols import (apply_batch, batch_rows, batches, case_row, checkpoint_edits,
-                                      checkpoint_figures, checkpoint_rows, edit_meta, error_rows, plan_checkpoints,
-                                      revert_all, run_total, sequential_rows, weights_before)
+                                      checkpoint_figures, checkpoint_rows, edit_meta, edits_scored, error_rows,
+                                      plan_checkpoints, revert_all, run_total, sequential_rows, weights_before)
 from kedit_ray.eval.resume import CheckpointLog, PreScores, RunState, TargetStore
 from kedit_ray.requests import EditRequest
 from kedit_ray.results import PartWriter, finished_case_ids, read_results
@@ -427,7 +427,7 @@ def stopped_at(out: Path, held_out: int, sample: int | None = None) -> int | Non
         return None
     table = read_results(out, ["checkpoint", "collapsed"]).to_pydict()
     flagged = Counter(t for t, c in zip(table["checkpoint"], table["collapsed"]) if c)
-    return min((t for t, n in flagged.items() if n == min(t, sample or t) + held_out), default=None)
+    return min((t for t, n in flagged.items() if n == edits_scored(t, False, sample) + held_out), default=None)
 
 
 def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Path,

@@ -148,17 +148,22 @@ def run_batch(lm: LM, editor, requests: list[EditRequest], batch_size: int, meth
     return [r for rows in batch_rows(lm, editor, requests, batch_size, method, scorer, progress, probe) for r in rows]
 
 
+def edits_scored(edits: int, last: bool, sample: int | None) -> int:
+    """How many of the edits so far a checkpoint scores: all at the last checkpoint or without `sample`."""
+    return edits if sample is None or last else min(edits, sample)
+
+
 def checkpoint_edits(done: list[EditRequest], sample: int | None, last: bool) -> list[EditRequest]:
-    """The edits a checkpoint scores: every one at the last checkpoint or without `sample`; else a fixed, seeded
-    sample of `sample` of them (the cases of lowest rank, a case's rank drawn from its case_id alone)."""
-    if sample is None or last or len(done) <= sample:
+    """The edits a checkpoint scores (edits_scored): every one, or a fixed, seeded sample of them (the cases of
+    lowest rank, a case's rank drawn from its case_id alone)."""
+    if edits_scored(len(done), last, sample) == len(done):
         return done
     return sorted(sorted(done, key=lambda r: random.Random(r.case_id).random())[:sample], key=lambda r: r.case_id)
 
 
 def checkpoint_rows(checkpoints: list[int], held_out: int, sample: int | None) -> int:
     """The rows a complete sequential run writes."""
-    return sum((c if sample is None or c == checkpoints[-1] else min(c, sample)) + held_out for c in checkpoints)
+    return sum(edits_scored(c, c == checkpoints[-1], sample) + held_out for c in checkpoints)
 
 
 def weights_before(edits: list, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
