@@ -1,4 +1,4 @@
-"""The `kedit` command: edit, eval, report, stats, trace, train, demo.
+"""The `kedit` command: edit, eval, report, stats, trace, train, demo, defaults.
 
 Expected errors (bad input, bad settings, a missing model, damaged files) are printed as one line,
 `kedit COMMAND: error: ...`, with exit status 2 (1 when a run went through but every case failed);
@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import sys
+import textwrap
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -23,121 +24,58 @@ DEMO = dict(prompt="The {} is located in the city of", subject="Space Needle", t
 
 
 def add_editor_args(p: argparse.ArgumentParser) -> None:
+    """--method and every registered editor's options, a group per editor; a flag shared with an editor above is
+    named in the group's description, with its help where this editor's differs."""
     from kedit_ray.editors import EDITORS
+    from kedit_ray.editors.contract import flags_of, options_of
 
-    g = p.add_argument_group("editor (an option applies to the methods whose parameters have it)")
-    g.add_argument("--method", default="rome", choices=sorted(EDITORS), help="the editor")
-    g.add_argument("--layer", type=int, default=None, help="layer to edit (default: measured per model)")
-    g.add_argument("--layers", type=layers, default=None,
-                   help="MEMIT/AlphaEdit/UltraEdit: layers to edit, e.g. 3,4,5,6 or 3-6 (default: measured per "
-                        "model)")
-    g.add_argument("--modules", type=lambda s: [m for m in s.split(",") if m], default=None,
-                   help="UltraEdit: the projections edited in each layer, Arch fields (mlp_in, mlp_out) or templates "
-                        "such as 'model.layers.{}.mlp.gate_proj', comma-separated (default: measured per model, else "
-                        "mlp_in)")
-    g.add_argument("--eta", type=positive_float, default=None,
-                   help="UltraEdit: η, the step of the pseudo-values v = −η‖k̂‖²ĝ (default: measured per "
-                        "model)")
-    g.add_argument("--mom2-weight", type=float, default=None,
-                   help="MEMIT/AlphaEdit: λ, the weight of C (default: measured per model, gemma-3-270m 200, "
-                        "smollm2-135m 2000; else the paper's 15000)")
-    g.add_argument("--z-module", choices=["layer", "mlp_out"], default=None,
-                   help="MEMIT/AlphaEdit: z is the residual leaving the last layer (the paper) or, one layer only, "
-                        "its MLP output before any norm (ROME's v*) (default: mlp_out for gemma-3-270m, else layer)")
-    g.add_argument("--nullspace-threshold", type=float, default=None,
-                   help="AlphaEdit: eigenvalues of C below this span the preserved null space (default: 2e-2)")
-    g.add_argument("--eps-init", type=float, default=None,
-                   help="GRACE: ε_init, the radius of a new key (default: measured per model; required for others)")
-    g.add_argument("--replacement", choices=["last", "all"], default=None,
-                   help="GRACE: replace the wrapped layer's output at the last prompt token or at all of them "
-                        "(default: last)")
-    g.add_argument("--norm-constraint", type=float, default=None,
-                   help="FT-L: ε, the bound on ||ΔW||∞ (default: 5e-4)")
-    g.add_argument("--editor-checkpoint", default=None,
-                   help="KE/MEND: the trained network, a `kedit train --out` directory (required for ke, mend)")
-    g.add_argument("--rome-original-key", dest="no_same_key", action="store_true",
-                   help="ROME: divide by the bare prompt's key as ROME's original code does, not by the averaged k* "
-                        "(r-ROME's fix, the default)")
-    g.add_argument("--rome-keep-edits", dest="keep_edits", action="store_true", default=None,
-                   help="ROME, sequential protocol: each update leaves the keys of the edits made before unchanged "
-                        "(ΔW k_i = 0), so they stay edited")
-    g.add_argument("--no-cov", action="store_true",
-                   help="ROME/MEMIT/AlphaEdit: C = I instead of the layer statistics (results then say C = identity)")
-    g.add_argument("--stats-corpus", default=None,
-                   help="corpus for C (default: the WikiText-2 test split shipped with kedit; computed on first use "
-                        "and cached, the same file `kedit stats` makes with its defaults)")
-    g.add_argument("--stats-samples", type=positive, default=None,
-                   help="documents of that corpus for C (default: 100000, i.e. all of the shipped corpus)")
-    g.add_argument("--stats-max-len", type=positive, default=None,
-                   help="tokens per document for C (default: min(model context, 1024))")
-    g.add_argument("--no-compute-stats", action="store_true",
-                   help="fail, naming the `kedit stats` command, instead of computing missing statistics")
-    g.add_argument("--v-steps", type=positive, default=None,
-                   help="max gradient steps for v* (MEMIT: z; GRACE: a codebook value; FT/FT-L: ΔW) "
-                        "(default: the method's)")
-    g.add_argument("--v-lr", type=float, default=None, help="Adam's learning rate for the same (default: the method's)")
-    g.add_argument("--v-clamp", type=float, default=None,
-                   help="bound on ||δ|| in units of ||v0|| (default: measured per model, else the paper's 4)")
-
-
-# params field -> (argparse dest, flag); None values are left to the editor's defaults
-EDITOR_OPTIONS = {"layer": ("layer", "--layer"), "layers": ("layers", "--layers"),
-                  "mom2_update_weight": ("mom2_weight", "--mom2-weight"),
-                  "z_module": ("z_module", "--z-module"),
-                  "nullspace_threshold": ("nullspace_threshold", "--nullspace-threshold"),
-                  "same_key": ("no_same_key", "--rome-original-key"),
-                  "keep_edits": ("keep_edits", "--rome-keep-edits"),
-                  "use_cov": ("no_cov", "--no-cov"), "stats_corpus": ("stats_corpus", "--stats-corpus"),
-                  "stats_samples": ("stats_samples", "--stats-samples"),
-                  "stats_max_len": ("stats_max_len", "--stats-max-len"),
-                  "compute_stats": ("no_compute_stats", "--no-compute-stats"),
-                  "eps_init": ("eps_init", "--eps-init"), "replacement": ("replacement", "--replacement"),
-                  "norm_constraint": ("norm_constraint", "--norm-constraint"),
-                  "editor_checkpoint": ("editor_checkpoint", "--editor-checkpoint"),
-                  "modules": ("modules", "--modules"), "eta": ("eta", "--eta")}
+    p.add_argument_group("editor").add_argument("--method", default="rome", choices=sorted(EDITORS),
+                                                help="the editor")
+    flags = flags_of(EDITORS)   # flag -> (its option where first declared, {method: field})
+    for method, (_, params) in EDITORS.items():
+        opts = [opt for _, opt in options_of(params)]
+        mine = [o for o in opts if next(iter(flags[o.flag][1])) == method]
+        same = [o.flag for o in opts if o not in mine and flags[o.flag][0].help == o.help]
+        text = [f"also {', '.join(same)}, as above"] if same else []
+        text += [f"{o.flag}: {o.help}" for o in opts if o not in mine and flags[o.flag][0].help != o.help]
+        g = p.add_argument_group(f"{method} options", "\n".join(
+            textwrap.fill(t, 76, subsequent_indent="  ", break_on_hyphens=False) for t in text) or None)
+        for o in mine:
+            g.add_argument(o.flag, dest=o.dest, **o.kwargs())
 
 
 def editor_params(args: argparse.Namespace) -> dict:
-    """The method's parameters from the options given; an option the method does not have is an error."""
-    from dataclasses import fields
-
+    """The method's parameters from the options given (nested params as dicts); an option the method does not
+    have is an error."""
     from kedit_ray.editors import EDITORS
+    from kedit_ray.editors.contract import flags_of
 
-    have = {f.name for f in fields(EDITORS[args.method][1])}
-    out = {}
-    for name, (dest, flag) in EDITOR_OPTIONS.items():
-        value = getattr(args, dest)
-        if dest.startswith("no_"):
-            value = False if value else None
+    out: dict = {}
+    for flag, (opt, users) in flags_of(EDITORS).items():
+        value = getattr(args, opt.dest, None)
         if value is None:
             continue
-        if name not in have:
+        if args.method not in users:
             raise UsageError(f"{flag} does not apply to --method {args.method}")
-        out[name] = value
-    values = {k: v for k, v in (("steps", args.v_steps), ("lr", args.v_lr), ("clamp_norm", args.v_clamp))
-              if v is not None}
-    if not values:
-        return out
-    if "values" in have:                       # locate-then-edit: the v* / z optimisation
-        out["values"] = values
-    elif {"steps", "lr"} <= have and "clamp_norm" not in values:   # GRACE, FT: their own gradient steps
-        out.update(values)
-    else:
-        raise UsageError(f"--v-steps/--v-lr/--v-clamp do not apply to --method {args.method}")
+        *outer, name = users[args.method]
+        node = out
+        for key in outer:
+            node = node.setdefault(key, {})
+        node[name] = value
     return out
 
 
 def make_checked_editor(args: argparse.Namespace):
     """The editor the options describe, its settings checked for --model before any model is loaded; a setting
     error names its flag."""
-    from kedit_ray.editors import make_editor
+    from kedit_ray.editors import EDITORS, make_editor
+    from kedit_ray.editors.contract import options_of
     from kedit_ray.errors import SettingError
 
-    flags = {name: flag for name, (_, flag) in EDITOR_OPTIONS.items()}
+    flags = {path[-1]: opt.flag for path, opt in options_of(EDITORS[args.method][1])}
     try:
         editor = make_editor(args.method, editor_params(args))
-        if hasattr(editor, "check_settings"):
-            editor.check_settings(args.model)
+        editor.check_settings(args.model)
     except SettingError as e:
         raise UsageError(f"{flags.get(e.param, e.param)}: {e.reason}") from None
     except TypeError as e:   # a parameter the method does not take
@@ -157,8 +95,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     editor = make_checked_editor(args)
     if args.save_model:   # refused before any work is done
-        if args.method == "grace":
-            raise UsageError(f"--save-model: {export.GRACE_REFUSAL}")
+        if editor.kind != "delta":
+            raise UsageError(f"--save-model: {editor.refusal}")
         try:
             export.check_out_dir(args.save_model)
         except FileExistsError as e:
@@ -262,9 +200,11 @@ def add_edit_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
 # ---------------------------------------------------------------- eval / report
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    from kedit_ray.datasets.registry import DATASETS
+
     add_model_args(p)
     add_editor_args(p)
-    p.add_argument("--dataset", default="auto", choices=["auto", "counterfact", "zsre", "user"],
+    p.add_argument("--dataset", default="auto", choices=["auto", *DATASETS],
                    help="the layout of --data and the metrics (auto: from the first record's keys)")
     p.add_argument("--data", required=True, nargs="+",
                    help="requests file(s) (JSON, JSONL or Parquet) of one dataset, read one after another (zsRE "
@@ -439,9 +379,52 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- defaults
+
+def cmd_defaults(args: argparse.Namespace) -> int:
+    """The settings --method takes on --model and where each comes from: a flag, the user's or the package's
+    defaults file, or the method's rule. By the model's name only: no weights are loaded."""
+    from kedit_ray.defaults import GIVEN, PACKAGE_DIR, flatten
+    from kedit_ray.editors import EDITORS
+
+    editor, params = EDITORS[args.method]
+    flags = flatten(editor_params(args))
+    rows = {path: (value, "rule") for path, value in _field_defaults(params)}
+    rows |= {path: (value, "flag") for path, value in flags.items()}
+    measured = getattr(importlib.import_module(editor.__module__), "MEASURED", None)   # editors/<method>.py
+    for path, (value, source) in (measured.settings(args.model, flags) if measured else {}).items():
+        if source == GIVEN:
+            source = "flag"
+        elif source.endswith(".toml"):                                 # a defaults file
+            source = f"{'package' if Path(source).parent == PACKAGE_DIR else 'user'} file {source}"
+        rows[path] = (value, source)
+    table = [("setting", "value", "source")]
+    table += [(path, ",".join(map(str, v)) if isinstance(v, list) else str(v), src) for path, (v, src) in rows.items()]
+    widths = [max(len(row[i]) for row in table) for i in range(2)]
+    for path, value, source in table:
+        print(f"{path:<{widths[0]}}  {value:<{widths[1]}}  {source}")
+    return 0
+
+
+def _field_defaults(params: type, prefix: str = "") -> list[tuple[str, object]]:
+    """(field path, default) of a params dataclass, nested params (MEMIT's `values`) as dotted paths."""
+    from dataclasses import MISSING, fields, is_dataclass
+
+    out = []
+    for f in fields(params):
+        value = f.default if f.default_factory is MISSING else f.default_factory()
+        if is_dataclass(value):
+            out += _field_defaults(type(value), f"{prefix}{f.name}.")
+        elif value is not MISSING:
+            out.append((f"{prefix}{f.name}", value))
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
+    from kedit_ray.models.loading import DEFAULT_MODEL
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = argparse.ArgumentParser(prog="kedit", description=__doc__, formatter_class=HelpFormatter)
@@ -461,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", "aggregate table and figure (95%% bootstrap intervals) of eval runs")
     p.add_argument("dirs", nargs="+", help="eval --out directories")
     p.add_argument("--png", default=None, help="chart path (default: DIR/report.png of the first DIR)")
+    p = command("defaults", "the settings an editor takes on a model and where each comes from (a flag, the "
+                            "user's or the package's defaults file, the method's rule); loads no weights")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="an embedded model, a directory, a .gguf file or a hub id, by name: its last path part "
+                        "names its files, kedit_ray/defaults/NAME.toml and $KEDIT_HOME/defaults/NAME.toml (default: "
+                        f"{DEFAULT_MODEL})")
+    add_editor_args(p)
     for name, module in PLUGINS.items():
         mod = importlib.import_module(module)
         mod.add_arguments(command(name, (mod.__doc__ or name).strip().splitlines()[0]))
@@ -468,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PLUGINS = {"stats": "kedit_ray.stats.command", "trace": "kedit_ray.tracing.command", "train": "kedit_ray.train"}
-COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report, "apply": cmd_apply}
+COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report, "apply": cmd_apply,
+            "defaults": cmd_defaults}
 
 
 def one_line(exc: BaseException) -> str:

@@ -7,9 +7,10 @@
 
     AutoModelForCausalLM.from_pretrained(out_dir), AutoTokenizer.from_pretrained(out_dir)   # the edited model
 
-GRACE is refused: its edit is an adaptor (a codebook looked up by a forward hook at one layer), not a change of
-weights, so no standard checkpoint can hold it. Ship the codebook instead (`kedit edit --method grace --save
-codebook.safetensors`) and put it on the base model with `GraceAdaptor.load(path).apply(model)`.
+Adaptors are refused by their kind (`Editor.kind`), with the editor's reason: GRACE's edit is a codebook looked up
+by a forward hook at one layer, not a change of weights, so no standard checkpoint can hold it. Ship the codebook
+(`kedit edit --method grace --save codebook.safetensors`) and put it on the base model with
+`GraceAdaptor.load(path).apply(model)`.
 """
 from __future__ import annotations
 
@@ -22,13 +23,13 @@ from pathlib import Path
 
 import torch
 
+from kedit_ray.editors.contract import Editor
 from kedit_ray.editors.delta import Delta, Edit
+from kedit_ray.editors.grace import Grace
 from kedit_ray.models import LM, load
 from kedit_ray.requests import EditRequest
 
-GRACE_REFUSAL = ("GRACE edits are an adaptor (a codebook looked up by a forward hook), not a change of weights, so "
-                 "they cannot be merged into a model directory; save the codebook with --save and apply it with "
-                 "kedit_ray.editors.GraceAdaptor.load(path).apply(model)")
+GRACE_REFUSAL = Grace.refusal
 # config.json keys that describe how kedit got the weights, not the model: gone from a shipped directory
 LEFTOVERS = ("quantization_config", "gguf_file", "_model_name_or_path", "_name_or_path")
 
@@ -90,15 +91,15 @@ def save_edited(lm: LM, edit: Edit, out_dir: str | Path) -> Path:
         return save_model(lm, out_dir)
 
 
-def edit_all(editor, lm: LM, requests: Sequence[EditRequest]) -> Delta:
-    """One Delta with every request: `edit_batch` where the editor has it (MEMIT, AlphaEdit); otherwise each
+def edit_all(editor: Editor, lm: LM, requests: Sequence[EditRequest]) -> Delta:
+    """One Delta with every request: `edit_batch` where the editor is batched (MEMIT, AlphaEdit); otherwise each
     request is edited on the model with the earlier ones applied (the sequential protocol) and the ΔW summed in
-    float32. The model is left as it was."""
+    float32. The model is left as it was. Adaptors are refused with their reason."""
     if not requests:
         raise ValueError("no requests to edit")
-    if getattr(editor, "name", "") == "grace":
-        raise ValueError(GRACE_REFUSAL)
-    if hasattr(editor, "edit_batch"):
+    if editor.kind != "delta":
+        raise ValueError(editor.refusal)
+    if editor.batched:
         return editor.edit_batch(lm, list(requests))
     applied: list[Delta] = []
     total: dict[str, torch.Tensor] = {}

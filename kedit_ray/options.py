@@ -56,6 +56,11 @@ def ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def names(text: str) -> list[str]:
+    """"a,b,c" → ["a", "b", "c"] (empty parts dropped)."""
+    return [m for m in text.split(",") if m]
+
+
 def _number(kind: type, low: float, strict: bool):
     word = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '≥'} {low:g}"
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from families import FAMILIES, FUSED_MOE, make_family_lm, make_family_model
-from kedit_ray.editors import (FT, AlphaEdit, AlphaEditParams, FTParams, Grace, GraceParams, UltraEdit,
-                               UltraEditParams, make_editor)
+from kedit_ray.editors import (FT, AlphaEdit, AlphaEditParams, Emmet, EmmetParams, FTParams, Grace, GraceParams,
+                               UltraEdit, UltraEditParams, make_editor)
 from kedit_ray.editors.learned import build_rows, step_terms
 from kedit_ray.editors.nets import build_net
 from kedit_ray.editors.rome import Rome, RomeParams, rank_one
@@ -306,3 +306,86 @@ def test_unknown_structure_names_the_template_flags():
 def test_fused_mixture_of_experts_is_refused_with_the_reason(family):
     with pytest.raises(UnknownArchitecture, match=r"mixture of experts .* fused into 3-D parameters"):
         detect_arch(make_family_model(family))
+
+
+def test_emmet_one_request_is_romes_closed_form(lm, monkeypatch):
+    """EMMET's equality-constrained solve with one request is ROME's rank one, Δ = r (C⁻¹k*)ᵀ / (k*ᵀC⁻¹k*), for
+    any λ, with the k* and r the solver was handed (float64); the delta reverts bit for bit."""
+    req, name = TAIL, lm.arch.name("mlp_out", LAYER)
+    c = spd(weight_of(get_module(lm.model, name)).shape[1])
+    m = Emmet(EmmetParams(layers=[LAYER], mom2_update_weight=2.0, n_prefixes=1, prefix_len=4))
+    m.hp.values.steps = 3
+    m.use_covariances(lm, {LAYER: c})
+    seen = handed_to_solver(m, lm, monkeypatch)
+    delta = m.edit(lm, req)
+    (k, r), = seen
+    close_in_norm(delta.deltas[name], rank_one(k[0], r[0], c), c)
+    check_delta(lm, delta, [name])
+
+
+def test_lora_delta_touches_its_modules_alone_and_no_adapter_is_left(lm):
+    """LoRA (peft) on the MLP input and output projections of two layers (GPT-2's Conv1D, Phi-3's fused gate_up,
+    Qwen2-MoE's shared expert included): the model's own modules are back once edit() returns, the target NLL falls
+    under ΔW, which changes those weights alone and reverts bit for bit."""
+    from kedit_ray.editors import LoRA, LoRAParams
+
+    req = EditRequest(0, "Space Needle", "the city of {}", "Goa Rome", "Seattle")
+    modules = [(n, id(m)) for n, m in lm.model.named_modules()]
+    nll0 = target_nll(lm, [req.text], [req.target_new]).item()
+    delta = LoRA(LoRAParams(layers=[1, 2], modules=["mlp_in", "mlp_out"], rank=2, lr=1e-2, steps=5)).edit(lm, req)
+    assert [(n, id(m)) for n, m in lm.model.named_modules()] == modules
+    with delta.applied(lm.model):
+        assert target_nll(lm, [req.text], [req.target_new]).item() < nll0
+    check_delta(lm, delta, [lm.arch.name(m, x) for x in (1, 2) for m in ("mlp_in", "mlp_out")])
+
+
+def test_ike_context_reads_like_a_direct_run(lm):
+    """IKE's hooks (C put in each row after its padding and BOS, its positions taken out at the final norm): right-
+    padded rows give what the plain model gives for C + row alone, a left-padded greedy decode with a KV cache what
+    it decodes for the left-padded rows C + row (Gemma 2's eager attention gives NaN on left padding, unhooked too);
+    revert is bit for bit. Float64: the two are the same arithmetic on other paddings."""
+    from kedit_ray.editors import Ike, IkeParams
+    from kedit_ray.editors.toolkit import pad
+
+    lm.model.double()
+    if "Moe" in type(lm.model).__name__:
+        lm.model.set_experts_implementation("eager")            # the grouped kernel has no float64
+    texts = [TAIL.text, FAR, "Rome"]
+    rows = [lm.tok(t).input_ids for t in texts]
+    ids, mask = pad(rows, lm.tok.pad_token_id, "cpu")
+
+    def decode(texts):
+        lm.tok.padding_side = "left"
+        enc = lm.tok(texts, return_tensors="pt", padding=True)
+        lm.tok.padding_side = "right"
+        return lm.model.generate(**enc, do_sample=False, max_new_tokens=4, min_new_tokens=4, use_cache=True,
+                                 pad_token_id=lm.tok.pad_token_id)[:, enc.input_ids.shape[1]:]
+
+    with torch.no_grad():
+        before = lm.model(input_ids=ids, attention_mask=mask).logits
+        ctx = Ike(IkeParams(k=0)).edit(lm, TAIL)
+        assert lm.tok(ctx.text + FAR).input_ids == ctx.ids + rows[1][1:]
+        with ctx.applied(lm.model):
+            hooked = lm.model(input_ids=ids, attention_mask=mask).logits
+            gen = decode(texts)
+        for b, row in enumerate(rows):
+            want = lm.model(input_ids=torch.tensor([ctx.ids + row[1:]])).logits[0, len(ctx.ids) - 1:]
+            assert (hooked[b, :len(row)] - want).abs().max() <= 1e-9 * want.abs().max()
+        assert torch.equal(gen, decode([ctx.text + t for t in texts]))
+        assert torch.equal(lm.model(input_ids=ids, attention_mask=mask).logits, before)
+
+
+def test_wise_answers_the_edit_from_its_side_memory_and_reverts(lm):
+    """WISE's side memory of the MLP output projection: the edited prompt is answered by it and its target's NLL
+    falls; reverted, the logits and every weight are the unedited model's bit for bit."""
+    from kedit_ray.editors import Wise, WiseParams
+
+    req = EditRequest(0, "Space Needle", "the city of {}", "Goa Rome", "Seattle")
+    before, far, edited = snapshot(lm), logits(lm, FAR), logits(lm, req.text)
+    nll0 = target_nll(lm, [req.text], [req.target_new]).item()
+    adaptor = Wise(WiseParams(layer=LAYER, lr=0.1, steps=10, alpha=0.5, beta=3.0, gamma=2.0, n_prefixes=0,
+                              n_irrelevant=2)).edit(lm, req)
+    with adaptor.applied(lm.model):
+        assert target_nll(lm, [req.text], [req.target_new]).item() < nll0
+    assert torch.equal(logits(lm, FAR), far) and torch.equal(logits(lm, req.text), edited)
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())

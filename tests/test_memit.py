@@ -9,7 +9,7 @@ import torch
 
 from kedit_ray.editors import AlphaEdit, AlphaEditParams, Memit, MemitParams
 from kedit_ray.editors.alphaedit import null_projection
-from kedit_ray.editors.memit import PER_MODEL, residual_at_subject, settle
+from kedit_ray.editors.memit import residual_at_subject, settle
 from kedit_ray.editors.rome import rank_one
 from kedit_ray.editors.toolkit import ValueParams, compute_keys, context_prefixes, optimize_values
 from kedit_ray.eval.counterfact import target_nll
@@ -128,11 +128,11 @@ def test_memit_settles_per_model_defaults(tiny_lm):
     assert settle(MemitParams(), tiny_lm).z_batch == 1                   # the CPU: one request at a time
     assert settle(MemitParams(z_batch=8), tiny_lm).z_batch == 8
     hp = settle(MemitParams(), dataclasses.replace(tiny_lm, name="gemma-3-270m"))
-    assert (hp.layers, hp.z_module, hp.values.clamp_norm) == (PER_MODEL["gemma-3-270m"]["layers"], "mlp_out", 1.0)
+    assert (hp.layers, hp.z_module, hp.values.clamp_norm, hp.mom2_update_weight) == ([2], "mlp_out", 1.0, 200.0)
     hp = settle(MemitParams.from_dict({"layers": [1, 2], "z_module": "layer", "values": {"clamp_norm": 0.5}}),
                 dataclasses.replace(tiny_lm, name="gemma-3-270m"))
     assert (hp.layers, hp.z_module, hp.values.clamp_norm) == ([1, 2], "layer", 0.5)
-    assert hp.mom2_update_weight == PER_MODEL["gemma-3-270m"]["mom2_update_weight"]
+    assert hp.mom2_update_weight == 200.0
     hp = settle(MemitParams(layers=[1, 2]), dataclasses.replace(tiny_lm, name="gemma-3-270m"))   # spread: the paper's z
     assert (hp.z_module, hp.values.clamp_norm) == ("layer", 0.75)
     with pytest.raises(ValueError, match="one layer"):

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..requests import EditRequest, InvalidRecord
-from .load import REQUEST_LAYOUTS
 from .records import Layout, collect, need
+from .registry import layouts
 
 
 @dataclass
@@ -50,4 +50,4 @@ def _as_known(layout: Layout) -> Layout:
 def load_known(path: str | Path, limit: int | None = None) -> list[KnownFact]:
     """Facts from known_1000.json (its filled-in `prompt` and `attribute`) or from any requests file
     (prompt = the request's text, attribute = its target_true). The first bad record raises InvalidRecord."""
-    return collect(path, (KNOWN, *map(_as_known, REQUEST_LAYOUTS)), limit)[0]
+    return collect(path, (KNOWN, *map(_as_known, layouts())), limit)[0]

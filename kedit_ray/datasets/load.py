@@ -5,39 +5,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..requests import EditRequest, InvalidRecord
-from .counterfact import FLAT, ORIGINAL
-from .records import Layout, collect, detect, iter_records
-from .user import USER
-from .zsre import ZSRE
-
-DATASETS: dict[str, tuple[Layout, ...]] = {"counterfact": (ORIGINAL, FLAT), "zsre": (ZSRE,), "user": (USER,)}
-REQUEST_LAYOUTS: tuple[Layout, ...] = (ORIGINAL, FLAT, ZSRE, USER)   # order matters: flat CounterFact ⊃ user keys
+from .records import collect, detect, iter_records
+from .registry import DATASETS, layouts, lookup
 
 
 def load_requests(path: str | Path, dataset: str = "auto", limit: int | None = None, skip_invalid: bool = False,
                   check: Callable[[EditRequest], None] | None = None) -> tuple[list[EditRequest], list[InvalidRecord]]:
-    """Validated EditRequests from a CounterFact (either layout), zsRE or user file (JSON, JSONL, Parquet).
+    """Validated EditRequests from a file (JSON, JSONL, Parquet) of a registered dataset (registry.DATASETS).
 
-    The layout comes from the keys of the first record. `limit` keeps the first N valid records.
+    The layout comes from the keys of the first record, among `dataset`'s layouts (for "auto": every dataset's). `limit` keeps the first N valid records.
     Without `skip_invalid` the first bad record raises InvalidRecord (file, record index, field);
     with it, every skipped record is returned in the problems list. `check` may refuse a request (see
     `fits_context`).
     """
-    if dataset != "auto" and dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of: auto, {', '.join(DATASETS)}")
-    layouts = REQUEST_LAYOUTS if dataset == "auto" else DATASETS[dataset]
-    return collect(path, layouts, limit, skip_invalid, check)
+    return collect(path, layouts() if dataset == "auto" else lookup(dataset).layouts, limit, skip_invalid, check)
 
 
 def dataset_of(path: str | Path, dataset: str = "auto") -> str:
     """`dataset`, or for "auto" the dataset whose layout the file's first record has (the one `load_requests`
     reads it with): so a zsRE file is scored as zsRE without --dataset zsre."""
     if dataset != "auto":
-        return dataset
+        return lookup(dataset).name
     for index, record in iter_records(path):
         if isinstance(record, dict):
-            layout = detect(record, REQUEST_LAYOUTS, str(path), index)
-            return next(name for name, layouts in DATASETS.items() if layout in layouts)
+            layout = detect(record, layouts(), str(path), index)
+            return next(name for name, known in DATASETS.items() if layout in known.layouts)
     return "counterfact"
 
 

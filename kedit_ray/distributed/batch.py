@@ -41,8 +41,9 @@ from kedit_ray.distributed.driver import finish, prepare, share_covariances
 from kedit_ray.distributed.pool import Lost, PoolError, open_pool
 from kedit_ray.distributed.worker import Applied, ModelWorker
 from kedit_ray.editors import Delta, make_editor
+from kedit_ray.editors.contract import SplitEditor
 from kedit_ray.editors.memit import spread
-from kedit_ray.eval import Scorer, scorer_name
+from kedit_ray.eval import Scorer
 from kedit_ray.eval.perplexity import Probe, perplexity
 from kedit_ray.eval.protocols import (apply_batch, batch_rows, batches, case_row, checkpoint_edits,
                                       checkpoint_figures, checkpoint_rows, edit_meta, edits_scored, error_rows,
@@ -63,7 +64,7 @@ def weight_deltas(editor) -> bool:
 
 def distributable(editor) -> bool:
     """Editors whose keys and targets can be computed per share and solved on the driver (MEMIT, AlphaEdit)."""
-    return all(hasattr(editor, m) for m in ("targets", "inputs", "make_solver"))
+    return isinstance(editor, SplitEditor)
 
 
 class BatchWorker(ModelWorker):
@@ -76,8 +77,7 @@ class BatchWorker(ModelWorker):
         self.scorer = Scorer.of(spec)   # the dataset's figures, --generate, --fluency
         self.in_ray = gpus is None
         self.probe = Probe.of(spec)   # --ppl-docs
-        if hasattr(self.editor, "prefixes"):   # the context prefixes come from the unedited model, as in one process
-            self.editor.prefixes(self.lm)
+        self.editor.prepare(self.lm)
 
     def plan(self) -> dict:
         """What the driver's solver needs: layers, module names, d_in, C and its labels, λ."""
@@ -113,13 +113,11 @@ class BatchWorker(ModelWorker):
         base = weights_before([e for _, e in self.applied], {})   # W before the run, of the modules edited so far
         edits = apply_batch(self.lm, self.editor, requests)
         try:
-            if hasattr(self.editor, "commit"):
-                self.editor.commit(self.lm, requests)
+            self.editor.commit(self.lm, requests)
             total = run_total(self.lm, weights_before(edits, base))
         finally:
             revert_all(self.lm, edits)
-        return total, self.editor.state() if hasattr(self.editor, "state") else {}, \
-            {**edit_meta(edits), **checkpoint_figures(edits)}
+        return total, self.editor.state(), {**edit_meta(edits), **checkpoint_figures(edits)}
 
     def memory(self) -> dict:
         """This worker's resident memory now and at its peak, in bytes (Linux)."""
@@ -367,7 +365,7 @@ def _sequential(run: Run, todo: list, held_out: list, checkpoints, batch_size: i
                 store = TargetStore(run.out / "z" / f"batch-{b}")   # this batch's z, until the state after it is saved
                 delta = _edit(run, solver, plan, batch, applied, store)
                 applied = applied.then(run.pool.put(delta))
-                if hasattr(solver, "preserve"):   # AlphaEdit: K_p += the keys of this batch, on the edited model
+                if solver.preserves:   # AlphaEdit: K_p += the keys of this batch, on the edited model
                     for part in run.pool.scatter(shares(batch, run.pool.size), "kept_keys", applied):
                         for layer, kkt in part.items():
                             solver.preserve(layer, kkt)
@@ -485,6 +483,6 @@ def run_protocol_eval(spec: EvalSpec, requests: list[EditRequest], out: str | Pa
         stop = {"stopped_at": stopped_at(out, len(held_out), spec.checkpoint_sample)} if spec.stop_on_collapse else {}
         seq = {"checkpoint_sample": spec.checkpoint_sample or "every edit",
                "checkpoint_log": CheckpointLog(out).read()} if spec.protocol == "sequential" else {}
-        summary = finish(out, requests, start, scorer_name(spec.dataset), workers=spec.resources.workers,
+        summary = finish(out, requests, start, spec.dataset, workers=spec.resources.workers,
                          protocol=spec.protocol, batch_size=spec.batch_size, timings=timings, **stop, **seq)
     return summary

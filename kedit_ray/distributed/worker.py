@@ -141,7 +141,7 @@ class ModelWorker:
     def stats_need(self) -> tuple | None:
         """(the layer statistics this worker's editor reads, whether missing ones may be computed); None when it
         reads none (--no-cov, an editor without C)."""
-        need = self.editor.stats_need(self.lm) if hasattr(self.editor, "stats_need") else None
+        need = None if self.editor is None else self.editor.stats_need(self.lm)   # None: a worker that edits nothing
         return None if need is None else (need, getattr(self.editor.hp, "compute_stats", True))
 
     def use_covariances(self, ref) -> None:

@@ -20,16 +20,23 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit_ray.editors.memit import Memit, MemitParams
+from kedit_ray.editors.contract import option
+from kedit_ray.editors.memit import RULES, Memit, MemitDefaults, MemitParams
 from kedit_ray.editors.toolkit import compute_keys
 from kedit_ray.models import LM
+from kedit_ray.options import fraction
 from kedit_ray.requests import EditRequest
+
+# MEMIT's settings, measured per model in kedit_ray/defaults/<model>.toml under [alphaedit] (Memit.params reads the
+# table its editor's name names)
+MEASURED = MemitDefaults("alphaedit", RULES)
 
 
 @dataclass
 class AlphaEditParams(MemitParams):
-    nullspace_threshold: float = 2e-2   # eigenvalues of C below this span the null space
-    l2: float = 1.0                     # α
+    nullspace_threshold: float = option(2e-2, "eigenvalues of C below this span the preserved null space",
+                                        parse=fraction)
+    l2: float = option(1.0, "α, the weight of ||ΔW||² in AlphaEdit's solve", parse=fraction)
 
 
 def null_projection(c: torch.Tensor | None, dim: int, threshold: float) -> torch.Tensor:
@@ -42,6 +49,8 @@ def null_projection(c: torch.Tensor | None, dim: int, threshold: float) -> torch
 
 
 class AlphaEditSolver:
+    preserves = True
+
     def __init__(self, projections: dict[int, torch.Tensor], l2: float, labels: dict[int, str]):
         self.p, self.l2, self.labels = projections, l2, labels
         self.kp = {layer: torch.zeros_like(p) for layer, p in projections.items()}   # K_p K_pᵀ

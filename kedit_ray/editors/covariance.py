@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kedit_ray.editors.contract import Editor, option
 from kedit_ray.models import LM, weight_of
+from kedit_ray.options import positive
 from kedit_ray.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, MissingStats, StatsError, compute_stats, load_stats
 
 IDENTITY = "identity"
@@ -25,11 +27,15 @@ IDENTITY = "identity"
 class CovParams:
     """Where C comes from; the fields every C-using editor's parameters share."""
 
-    use_cov: bool = True                     # False: C = I (`--no-cov`)
-    stats_corpus: str | None = None          # None: the corpus shipped with the package
-    stats_samples: int = DEFAULT_SAMPLES     # the first N documents of it
-    stats_max_len: int | None = None         # tokens per document; None: min(model context, 1024)
-    compute_stats: bool = True               # False: a missing file is an error naming `kedit stats`
+    use_cov: bool = option(True, "C = I instead of the layer statistics (results then say C = identity)",
+                           flag="--no-cov", sets=False)
+    stats_corpus: str | None = option(None, "corpus for C (default: the WikiText-2 test split shipped with kedit; "
+                                      "computed on first use and cached, as `kedit stats` makes it)")
+    stats_samples: int = option(DEFAULT_SAMPLES, "the first N documents of that corpus for C", parse=positive)
+    stats_max_len: int | None = option(None, "tokens per document for C (default: min(model context, 1024))",
+                                       parse=positive)
+    compute_stats: bool = option(True, "fail, naming the `kedit stats` command, instead of computing missing "
+                                 "statistics", flag="--no-compute-stats", sets=False)
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,8 @@ def check_covariance(lm: LM, layer: int, c: torch.Tensor, info: dict) -> None:
         raise StatsError(f"C from {where} is {tuple(c.shape)}, but layer {layer}'s keys have {d} dimensions")
 
 
-class UsesCovariance:
-    """Mixin for editors weighed by C: per edited layer, the C given by `use_covariances`, else read for `hp`
+class UsesCovariance(Editor):
+    """Base of the editors weighed by C: per edited layer, the C given by `use_covariances`, else read for `hp`
     (computed on first use). The editor defines `hp` (a CovParams) and `cov_layers(lm)`."""
 
     def stats_need(self, lm: LM) -> StatsNeed | None:

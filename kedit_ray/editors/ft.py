@@ -14,23 +14,30 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kedit_ray.defaults import Measured, Rule
+from kedit_ray.editors.contract import Editor, option
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.toolkit import target_ids, target_loss
 from kedit_ray.models import LM, Trace, check_layer, get_module, weight_of
+from kedit_ray.options import fraction, positive, positive_float
 from kedit_ray.requests import EditRequest
 
-# measured on zsre_mend_train-1k.json with gemma-3-270m (see the issue note)
-DEFAULT_LAYERS = {"gemma-3-270m": 4}
+# Measured per model in kedit_ray/defaults/<model>.toml, [ft] (FT-L's too); without a value, the rule here.
+MEASURED = Measured("ft", {"layer": Rule(int, lambda n: n // 3, "a third of the depth")})
+
+NORM_HELP = "FT-L: ε, the bound on ||ΔW||∞"
 
 
 @dataclass
 class FTParams:
-    layer: int | None = None           # None: the per-model default, else a third of the way up
-    module: str = "mlp_out"            # which Arch module's weight is tuned
-    steps: int = 25
-    lr: float = 5e-4                   # Adam
-    stop_nll: float = 0.01             # stop once the target's mean NLL is below this
-    norm_constraint: float | None = None   # ε of FT-L: ||ΔW||∞ ≤ ε; None: plain FT
+    layer: int | None = option(None, "the layer whose MLP output projection is tuned (default: measured per "
+                               "model, else a third of the way up)", parse=int)
+    module: str = option("mlp_out", "the Arch module whose weight is tuned: mlp_out, mlp_in, ...")
+    steps: int = option(25, "max gradient steps on ΔW", flag="--v-steps", parse=positive)
+    lr: float = option(5e-4, "Adam's learning rate on ΔW", flag="--v-lr", parse=positive_float)
+    stop_nll: float = option(0.01, "training stops once the target's mean NLL is below this",
+                             flag="--v-stop-nll", parse=fraction)
+    norm_constraint: float | None = option(None, NORM_HELP, parse=positive_float)   # None: plain FT
 
     def __post_init__(self):
         if self.norm_constraint is not None and self.norm_constraint <= 0:
@@ -43,16 +50,16 @@ class FTParams:
 
 @dataclass
 class FTLParams(FTParams):
-    norm_constraint: float | None = 5e-4   # ROME's FT+L setting for GPT-2 XL; see the note for gemma-3-270m
+    norm_constraint: float | None = option(5e-4, NORM_HELP, parse=positive_float)   # ROME's FT+L setting for
+    # GPT-2 XL; see the note for gemma-3-270m
 
 
 def default_layer(lm: LM) -> int:
-    return DEFAULT_LAYERS.get(lm.name, lm.n_layers // 3)
+    return MEASURED.value(lm, "layer")
 
 
-class FT:
+class FT(Editor):
     name = "ft"
-    kind = "delta"     # its edits are weight Deltas
 
     def __init__(self, params: FTParams | None = None):
         self.hp = params or FTParams()

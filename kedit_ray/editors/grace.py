@@ -36,34 +36,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kedit_ray.defaults import Measured, Rule, defaults_files
+from kedit_ray.editors.contract import Editor, option
 from kedit_ray.editors.delta import Edit
 from kedit_ray.editors.toolkit import target_ids, target_loss
 from kedit_ray.errors import SettingError
 from kedit_ray.io import save_tensors
 from kedit_ray.models import LM, TraceDict, check_layer, get_module, token_grid
+from kedit_ray.options import fraction, positive, positive_float
 from kedit_ray.requests import EditRequest
 
-# Measured on zsre_mend_train-1k.json with gemma-3-270m (see the issue note). Gemma normalises the MLP output
-# (post-feedforward norm) before adding it to the residual, so a value at mlp_out moves the residual little:
-# 100 steps did not reach the target for some edits. Wrapping the whole block (its output is the residual
-# stream itself) trains in 3-25 steps. At block 8 (residual norm ~5000), last-token queries of different
-# questions are ~330 apart (median nearest), rephrases ~420 from their question, and no position of 98% of
-# unrelated NQ prompts comes within 380 of a key: ε_init = 150 keeps those out.
-# SmolLM2-135M, measured the same way at its middle block (15 of 30; residual norm ~155): questions ~33 apart, rephrases
-# ~36 from their question, unrelated NQ prompts no closer than 43 at any position; ε_init = 15 keeps the same margins.
-DEFAULT = {"gemma-3-270m": {"layer": 8, "eps_init": 150.0}, "smollm2-135m": {"layer": 15, "eps_init": 15.0}}
+# Measured per model in kedit_ray/defaults/<model>.toml, [grace] (why a whole block is wrapped, not mlp_out:
+# there too); without a value, the rules here: ε_init has none, it is a distance in the wrapped module's inputs.
+MEASURED = Measured("grace", {"layer": Rule(int, lambda n: n // 2, "half the depth"),
+                              "eps_init": Rule(float, None, "none: give --eps-init")})
 REPLACEMENTS = ("last", "all")
 
 
 @dataclass
 class GraceParams:
-    layer: int | None = None       # None: the per-model default, else half way up
-    module: str = "layer"          # which Arch module to wrap: "layer" (a whole block), "mlp_out", ...
-    eps_init: float | None = None  # ε_init, in the units of the wrapped module's input; None: per-model default
-    lr: float = 10.0               # value training (Adam)
-    steps: int = 100               # value training iterations at most
-    stop_nll: float = 0.05         # stop once the target's mean NLL is below this
-    replacement: str = "last"      # "last" or "all" (see the module docstring)
+    layer: int | None = option(None, "the block whose output the codebook replaces (default: measured per "
+                               "model, else half way up)", parse=int)
+    module: str = option("layer", "the Arch module wrapped: layer (a whole block), mlp_out, ...")
+    eps_init: float | None = option(None, "ε_init, the radius of a new key, in the units of the wrapped module's "
+                                    "input (default: measured per model; required for others)",
+                                    parse=positive_float)
+    lr: float = option(10.0, "Adam's learning rate on a codebook value", flag="--v-lr", parse=positive_float)
+    steps: int = option(100, "max gradient steps on a codebook value", flag="--v-steps", parse=positive)
+    stop_nll: float = option(0.05, "a value stops training once the target's mean NLL is below this",
+                             flag="--v-stop-nll", parse=fraction)
+    replacement: str = option("last", "replace the wrapped layer's output at the last prompt token or at all of "
+                              "them (see the module docstring)", choices=REPLACEMENTS)
 
     def __post_init__(self):
         if self.replacement not in REPLACEMENTS:
@@ -184,23 +187,28 @@ def active_adaptor(model: nn.Module, module: str) -> GraceAdaptor | None:
 
 
 def default_layer(lm: LM) -> int:
-    return DEFAULT.get(lm.name, {}).get("layer", lm.n_layers // 2)
+    return MEASURED.value(lm, "layer")
 
 
 def eps_init(model: str, hp: GraceParams) -> float:
     """ε_init: the one given, else the one measured for `model`; a model without one is a SettingError."""
     if hp.eps_init is not None:
         return hp.eps_init
-    if model not in DEFAULT:
-        raise SettingError("eps_init", f"GRACE has no measured ε_init for {model!r} (measured: "
-                                       f"{', '.join(DEFAULT)}); give one: it is a distance between inputs of the "
-                                       "wrapped module, so it depends on the model and the layer")
-    return DEFAULT[model]["eps_init"]
+    eps, _ = MEASURED.settings(model)["eps_init"]
+    if eps is None:
+        files = " or ".join(map(str, defaults_files(model)))
+        raise SettingError("eps_init", f"GRACE has no measured ε_init for {model!r} (none in {files}); give one: "
+                                       "it is a distance between inputs of the wrapped module, so it depends on the "
+                                       "model and the layer")
+    return eps
 
 
-class Grace:
+class Grace(Editor):
     name = "grace"
     kind = "adaptor"   # its edits are codebooks hooked onto the model, not weight Deltas
+    refusal = ("GRACE edits are an adaptor (a codebook looked up by a forward hook), not a change of weights, so "
+               "they cannot be merged into a model directory; save the codebook with --save and apply it with "
+               "kedit_ray.editors.GraceAdaptor.load(path).apply(model)")
 
     def __init__(self, params: GraceParams | None = None):
         self.hp = params or GraceParams()

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kedit_ray.defaults import Measured, Rule
 from kedit_ray.editors.learned import Grads, HyperNet, LearnedEditor, NetConfig, module_key
 from kedit_ray.models import LM
 
-# measured on zsre_mend_train-1k.json (see the README's "Learned editors"): the pair of down_projs a plain gradient
-# step moves the answer most on for the least KL on O^x
-DEFAULT_LAYERS = {"gemma-3-270m": [12, 13], "smollm2-135m": [22, 23]}
+# Measured per model in kedit_ray/defaults/<model>.toml, [ke] (the README's "Learned editors"): the pair of
+# down_projs a plain gradient step moves the answer most on for the least KL on O^x; without one, the rule here.
+MEASURED = Measured("ke", {"layers": Rule(list[int], lambda n: [max(0, 2 * n // 3 - 1), 2 * n // 3],
+                                          "the two layers up to two thirds of the depth")})
 
 
 @dataclass
@@ -39,8 +41,7 @@ class KEConfig(NetConfig):
 
     def default_layers(self, lm: LM) -> list[int]:
         """Two upper-middle layers."""
-        n = lm.n_layers
-        return DEFAULT_LAYERS.get(lm.name, [max(0, 2 * n // 3 - 1), 2 * n // 3])
+        return MEASURED.value(lm, "layers")
 
 
 def ke_update(grad: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kedit_ray.editors.contract import Editor, option
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.toolkit import pad, target_ids
 from kedit_ray.io import save_tensors, write_json
@@ -345,19 +346,18 @@ def read_net(lm: LM, out: str | Path, method: str, net_cls: type, cfg_cls: type)
 
 @dataclass
 class LearnedParams:
-    editor_checkpoint: str | None = None   # a `kedit train --out` directory
+    editor_checkpoint: str | None = option(None, "the trained network, a `kedit train --out` directory "
+                                           "(required)")
 
     @classmethod
     def from_dict(cls, d: dict) -> LearnedParams:
         return cls(**d)
 
 
-class LearnedEditor:
+class LearnedEditor(Editor):
     """Edits with a trained network: one forward and backward on x, one pass of the network, ΔW as a Delta.
     Subclasses name their network's classes in `net` (HyperNet class, its config class)."""
 
-    name = ""
-    kind = "delta"     # its edits are weight Deltas
     net: tuple[type, type]
 
     def __init__(self, params: LearnedParams | None = None):

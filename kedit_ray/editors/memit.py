@@ -27,45 +27,77 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import reduce
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 
-from kedit_ray.editors import rome
+from kedit_ray.defaults import GIVEN, RULE, Measured, Rule
+from kedit_ray.editors.contract import SplitEditor, option
 from kedit_ray.editors.covariance import CovParams, UsesCovariance
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.toolkit import ValueParams, compute_keys, context_prefixes, mlp_out_of, optimize_values, \
     pad, subject_last_index
 from kedit_ray.models import LM, Trace, check_layer, weight_of
+from kedit_ray.options import count, fraction, positive
+from kedit_ray.options import layers as layers_arg
 from kedit_ray.requests import EditRequest
 
 PAPER = {"mom2_update_weight": 15000.0, "z_module": "layer", "clamp_norm": 0.75}   # GPT-J's settings
-PER_MODEL = {
-    # measured on counterfact-edit.json (see the module docstring): ROME's layer and bound, v* as z, λ by a sweep (25
-    # cases in one batch, ES/PS/NS: λ 15000 0.36/0.36/0.80, 2000 0.80/0.60/0.76, 200 1.00/0.88/0.76, 20 1.00/0.88/0.72)
-    "gemma-3-270m": {"layers": [rome.DEFAULT_LAYERS["gemma-3-270m"]], "z_module": "mlp_out",
-                     "clamp_norm": rome.DEFAULT_CLAMP["gemma-3-270m"], "mom2_update_weight": 200.0},
-    # a Llama, so the paper's z and bound; 100 edits in one batch, ES/PS/NS (unedited ES 0.37, NS 0.66): the paper's
-    # layers (5-8) and λ 15000 0.52/0.49/0.66; 4 layers up to just past ROME's traced layer 4, 2-5, at
-    # λ 15000 0.60/0.55/0.64, 2000 0.96/0.83/0.65, 200 0.98/0.88/0.64, 20 0.98/0.87/0.65
-    "smollm2-135m": {"layers": [2, 3, 4, 5], "mom2_update_weight": 2000.0},
-}
+
+
+def paper_layers(n_layers: int) -> list[int]:
+    """The paper's layers for a model of `n_layers`: 4 from a sixth of the way up."""
+    first = max(1, n_layers // 6)
+    return list(range(first, min(first + 4, n_layers)))
+
+
+class MemitDefaults(Measured):
+    """MEMIT's measured settings, and the spread rule: z at the MLP output ("mlp_out") edits one layer, so where
+    several layers are edited and no z_module is given, the paper's z and bound apply."""
+
+    def settings(self, model: str, given: dict[str, object] | None = None,
+                 n_layers: int | None = None) -> dict[str, tuple[object, str]]:
+        out = super().settings(model, given, n_layers)
+        layers = out["layers"][0]
+        several = isinstance(layers, str) or len(layers) > 1            # words: the paper's four layers
+        if several and out["z_module"][0] == "mlp_out" and out["z_module"][1] != GIVEN:
+            spread = f"{RULE} (the paper's, over several layers)"
+            out["z_module"] = (PAPER["z_module"], spread)
+            if out["values.clamp_norm"][1] != GIVEN:
+                out["values.clamp_norm"] = (PAPER["clamp_norm"], spread)
+        return out
+
+
+# Measured per model in kedit_ray/defaults/<model>.toml, [memit] (AlphaEdit's: [alphaedit]); without a value, the
+# paper's settings. Why gemma-3-270m's z is "mlp_out": the module docstring.
+RULES = {"layers": Rule(list[int], paper_layers, "4 from a sixth of the depth, the paper's"),
+         "mom2_update_weight": Rule(float, PAPER["mom2_update_weight"], "the paper's"),
+         "z_module": Rule(str, PAPER["z_module"], "the paper's"),
+         "values.clamp_norm": Rule(float, PAPER["clamp_norm"], "the paper's")}
+MEASURED = MemitDefaults("memit", RULES)
 
 
 @dataclass
 class MemitParams(CovParams):           # C as for ROME: the layer statistics, computed on first use
-    # None: the per-model default (PER_MODEL), else the paper's (PAPER; layers: 4 from a sixth of the way up)
-    layers: list[int] | None = None
-    mom2_update_weight: float | None = None   # λ
-    z_module: str | None = None         # "layer": z is the residual leaving the last edited layer (the paper);
-                                        # "mlp_out": z is that layer's MLP output projection output (one layer)
-    n_prefixes: int = 5
-    prefix_len: int = 10
-    # requests whose z are optimised together in one batch; None: 25 on an accelerator, 1 on the CPU, where on
-    # gemma-3-270m a batch of 25 runs no faster per request (1.02×, benchmarks/bench_batch.py) and holds 6.6 GB
-    # at its peak against 1.9 GB for one (each request adds ~0.2 GB of activations for the backward pass)
-    z_batch: int | None = None
+    # None: the per-model default (MEASURED), else the paper's (PAPER; layers: 4 from a sixth of the way up)
+    layers: list[int] | None = option(None, "layers to edit, e.g. 3,4,5,6 or 3-6 (default: measured per model, "
+                                      "else 4 from a sixth of the way up)", parse=layers_arg)
+    mom2_update_weight: float | None = option(None, "λ, the weight of C (default: measured per model, else the "
+                                              "paper's 15000)", flag="--mom2-weight", parse=fraction)
+    # "layer": z is the residual leaving the last edited layer (the paper); "mlp_out": z is that layer's MLP output
+    # projection output (one layer)
+    z_module: str | None = option(None, "z is the residual leaving the last layer (the paper) or, one layer only, "
+                                  "its MLP output before any norm (ROME's v*) (default: measured per model, else "
+                                  "layer)", choices=("layer", "mlp_out"))
+    n_prefixes: int = option(5, "generated context prefixes for the keys and z (plus the bare prompt)",
+                             flag="--context-prefixes", parse=count)
+    prefix_len: int = option(10, "tokens per context prefix", parse=positive)
+    # on gemma-3-270m's CPU runs a batch of 25 runs no faster per request (1.02×, benchmarks/bench_batch.py) and
+    # holds 6.6 GB at its peak against 1.9 GB for one (each request adds ~0.2 GB of activations for the backward)
+    z_batch: int | None = option(None, "requests whose z are optimised together (default: 25 on an accelerator, "
+                                 "1 on the CPU)", parse=positive)
     values: ValueParams = field(default_factory=ValueParams)   # clamp_norm None: per model, else 0.75
 
     @classmethod
@@ -80,17 +112,13 @@ class MemitParams(CovParams):           # C as for ROME: the layer statistics, c
         return hp
 
 
-def settle(hp: MemitParams, lm: LM) -> MemitParams:
-    """`hp` with what it leaves open (None) filled in: the per-model default, else the paper's."""
-    fill = {**PAPER, **PER_MODEL.get(lm.name, {})}
-    if "layers" not in fill:
-        first = max(1, lm.n_layers // 6)
-        fill["layers"] = list(range(first, min(first + 4, lm.n_layers)))
-    if len(hp.layers or fill["layers"]) > 1 and hp.z_module is None:   # spread: the paper's z and bound
-        fill.update(z_module="layer", clamp_norm=PAPER["clamp_norm"])
-    out = replace(hp, **{k: fill[k] for k in ("layers", "mom2_update_weight", "z_module") if getattr(hp, k) is None})
-    if out.values.clamp_norm is None:
-        out.values = replace(out.values, clamp_norm=fill["clamp_norm"])
+def settle(hp: MemitParams, lm: LM, table: str = "memit") -> MemitParams:
+    """`hp` with what it leaves open (None) filled in: the model's measured defaults (`table` in its defaults
+    files), else the paper's."""
+    given = {path: reduce(getattr, path.split("."), hp) for path in RULES}
+    found = MemitDefaults(table, RULES).settings(lm.name, given, lm.n_layers)
+    out = replace(hp, **{k: found[k][0] for k in ("layers", "mom2_update_weight", "z_module")})
+    out.values = replace(out.values, clamp_norm=found["values.clamp_norm"][0])
     if out.z_batch is None:
         out.z_batch = 1 if lm.input_device.type == "cpu" else 25
     if not out.layers:
@@ -104,6 +132,8 @@ def settle(hp: MemitParams, lm: LM) -> MemitParams:
 
 class MemitSolver:
     """Δ = R Kᵀ (λ C + K Kᵀ)⁻¹ per layer, float64. `covs[layer]` is C (None: I)."""
+
+    preserves = False   # a solver that keeps the keys of committed edits (`preserve`) says True
 
     def __init__(self, covs: dict[int, torch.Tensor | None], lam: float, labels: dict[int, str]):
         self.covs, self.lam, self.labels = covs, lam, labels
@@ -149,9 +179,8 @@ def residual_at_subject(lm: LM, layer: int, requests: list[EditRequest]) -> torc
     return t.output[torch.arange(len(requests), device=at.device), at]
 
 
-class Memit(UsesCovariance):
+class Memit(UsesCovariance, SplitEditor):
     name = "memit"
-    kind = "delta"     # its edits are weight Deltas
 
     def __init__(self, params: MemitParams | None = None):
         self.hp = params or MemitParams()
@@ -162,7 +191,7 @@ class Memit(UsesCovariance):
         """The parameters for this model: the per-model defaults filled in where `hp` leaves them open."""
         key = id(lm.model)
         if key not in self._settled:
-            self._settled[key] = settle(self.hp, lm)
+            self._settled[key] = settle(self.hp, lm, self.name)
         return self._settled[key]
 
     # -------------------------------------------------------------- pieces (also run on Ray workers)
@@ -193,6 +222,9 @@ class Memit(UsesCovariance):
 
     def prefixes(self, lm: LM) -> list[str]:
         return context_prefixes(lm, self.hp.n_prefixes, self.hp.prefix_len)
+
+    def prepare(self, lm: LM) -> None:
+        self.prefixes(lm)
 
     def targets(self, lm: LM, requests: list[EditRequest], progress: bool = False) -> tuple[torch.Tensor, dict]:
         """z_i = h_i + δ_i at the last edited layer, optimised `z_batch` requests at a time. [n, d]"""

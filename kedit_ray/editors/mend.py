@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kedit_ray.defaults import Measured, Rule
 from kedit_ray.editors.learned import Grads, HyperNet, LearnedEditor, NetConfig, module_key
 from kedit_ray.models import LM
 
-# The paper edits the last three layers. On smollm2-135m a gradient step on them costs ~7x the KL on O^x per nat of
-# answer NLL that it costs two thirds of the way up (README, "Learned editors"): there MEND edits 21-23.
-DEFAULT_LAYERS = {"smollm2-135m": [21, 22, 23]}
+# Measured per model in kedit_ray/defaults/<model>.toml, [mend]; without a value, the paper's last three layers.
+MEASURED = Measured("mend", {"layers": Rule(list[int], lambda n: list(range(max(0, n - 3), n)),
+                                            "the last three layers, the paper's")})
 
 
 @dataclass
@@ -39,7 +40,7 @@ class MENDConfig(NetConfig):
 
     def default_layers(self, lm: LM) -> list[int]:
         """The last three layers (the paper), or the per-model default."""
-        return DEFAULT_LAYERS.get(lm.name, list(range(max(0, lm.n_layers - 3), lm.n_layers)))
+        return MEASURED.value(lm, "layers")
 
 
 class LowRankResidual(nn.Module):

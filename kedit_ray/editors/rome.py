@@ -24,29 +24,31 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from kedit_ray.defaults import Measured, Rule
+from kedit_ray.editors.contract import option
 from kedit_ray.editors.covariance import CovParams, UsesCovariance
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.toolkit import PAPER_CLAMP, ValueParams, compute_keys, context_prefixes, optimize_values
 from kedit_ray.models import LM, check_layer
+from kedit_ray.options import count, positive
 from kedit_ray.requests import EditRequest
 
-# Measured on counterfact-edit.json (the foundation issue's note). Gemma's post-feedforward norm rescales the
-# MLP output, so v* can only turn its direction: with the paper's bound (4) δ sits at the bound and leaks into
-# the neighbours' keys, (C⁻¹k*)ᵀk_n, which is also smaller at layer 2 than at the traced peak, layer 4.
-# SmolLM2-135M (a Llama: the MLP output is added as is), traced on 120 known facts: the MLP's indirect effect at the
-# last subject token peaks at layer 4 (plateau 0-5). On 30 CounterFact cases with C, ES/PS/NS (pre NS 0.667) at
-# the paper's bound: layer 2 1.00/0.93/0.67 (18.5 s/edit), 4 1.00/0.93/0.67 (12.0 s), 6 1.00/0.90/0.67 (13.6 s).
-DEFAULT_LAYERS = {"gemma-3-270m": 2, "smollm2-135m": 4}
-DEFAULT_CLAMP = {"gemma-3-270m": 1.0}
+# Measured per model in kedit_ray/defaults/<model>.toml, [rome]; without a value, the rules here.
+MEASURED = Measured("rome", {"layer": Rule(int, lambda n: n // 3, "a third of the depth"),
+                             "values.clamp_norm": Rule(float, PAPER_CLAMP, "the paper's")})
 
 
 @dataclass
 class RomeParams(CovParams):           # C: the layer statistics (covariance.py), computed on first use
-    layer: int | None = None           # None: the per-model default, else a third of the way up
-    n_prefixes: int = 5                # generated context prefixes for k* and v* (plus the bare prompt)
-    prefix_len: int = 10
-    same_key: bool = True              # r-ROME: k* in Λ's denominator too; False: ROME's original k_p there
-    keep_edits: bool = False           # sequential: ΔW k_i = 0 for the keys of the edits committed before
+    layer: int | None = option(None, "the layer whose MLP output projection is edited (default: measured per "
+                               "model, else a third of the way up)", parse=int)
+    n_prefixes: int = option(5, "generated context prefixes for k* and v* (plus the bare prompt)",
+                             flag="--context-prefixes", parse=count)
+    prefix_len: int = option(10, "tokens per context prefix", parse=positive)
+    same_key: bool = option(True, "divide by the bare prompt's key as ROME's original code does, not by the "
+                            "averaged k* (r-ROME's fix, the default)", flag="--rome-original-key", sets=False)
+    keep_edits: bool = option(False, "sequential protocol: each update leaves the keys of the edits made before "
+                              "unchanged (ΔW k_i = 0), so they stay edited", flag="--rome-keep-edits", sets=True)
     values: ValueParams = field(default_factory=ValueParams)
 
     @classmethod
@@ -57,19 +59,18 @@ class RomeParams(CovParams):           # C: the layer statistics (covariance.py)
 
 
 def default_layer(lm: LM) -> int:
-    return DEFAULT_LAYERS.get(lm.name, lm.n_layers // 3)
+    return MEASURED.value(lm, "layer")
 
 
 def value_params(lm: LM, hp: ValueParams) -> ValueParams:
     """hp with the norm bound resolved: the one given, else the per-model default, else the paper's."""
     if hp.clamp_norm is not None:
         return hp
-    return replace(hp, clamp_norm=DEFAULT_CLAMP.get(lm.name, PAPER_CLAMP))
+    return replace(hp, clamp_norm=MEASURED.value(lm, "values.clamp_norm"))
 
 
 class Rome(UsesCovariance):
     name = "rome"
-    kind = "delta"     # its edits are weight Deltas
 
     def __init__(self, params: RomeParams | None = None):
         self.hp = params or RomeParams()
@@ -79,6 +80,9 @@ class Rome(UsesCovariance):
         """The context prefixes, generated once per model (a worker asks on the unedited model, so a resumed
         sequential run gets the same ones)."""
         return context_prefixes(lm, self.hp.n_prefixes, self.hp.prefix_len)
+
+    def prepare(self, lm: LM) -> None:
+        self.prefixes(lm)
 
     def layer(self, lm: LM) -> int:
         return check_layer(lm.model, self.hp.layer if self.hp.layer is not None else default_layer(lm))

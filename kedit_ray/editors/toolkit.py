@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kedit_ray.editors.contract import option
 from kedit_ray.models import LM, Trace, head_at, start_at_layer, token_grid
 from kedit_ray.models.weights import bias, weight
+from kedit_ray.options import fraction, positive, positive_float
 from kedit_ray.requests import EditRequest
 
 ESSENCE = "{} is a"
@@ -24,16 +26,23 @@ PAPER_CLAMP = 4.0  # ROME's norm bound on δ, in units of ||v0||
 
 @dataclass
 class ValueParams:
-    steps: int = 25              # max gradient steps on δ
-    lr: float = 0.5
-    weight_decay: float = 0.5    # on ||δ|| / ||v0||²
-    clamp_norm: float | None = None  # ||δ|| ≤ clamp_norm · ||v0||; None: the editor's per-model default, else 4
-    kl_factor: float = 0.0625    # essence drift weight
-    stop_nll: float = 0.05       # a request stops (its δ is final) once its target NLL is below this
+    steps: int = option(25, "max gradient steps on δ (v*, MEMIT's z)", flag="--v-steps", parse=positive)
+    lr: float = option(0.5, "Adam's learning rate on δ", flag="--v-lr", parse=positive_float)
+    weight_decay: float = option(0.5, "weight of ||δ|| / ||v0||² in v*'s loss", flag="--v-weight-decay",
+                                 parse=fraction)
+    clamp_norm: float | None = option(None, "bound on ||δ|| in units of ||v0|| (default: measured per model, else "
+                                      "the paper's 4)", flag="--v-clamp", parse=positive_float)
+    kl_factor: float = option(0.0625, "weight of the essence drift (KL on '{subject} is a') in v*'s loss",
+                              flag="--v-kl", parse=fraction)
+    stop_nll: float = option(0.05, "a request stops (its δ is final) once its target NLL is below this",
+                             flag="--v-stop-nll", parse=fraction)
     # the three savings, switchable for the benchmark
-    cache_residual: bool = True  # run only layers ≥ the edited one, from the cached residual stream
-    gather_logits: bool = True   # vocabulary logits only where the loss reads them
-    early_stop: bool = True      # per request: a batch runs only the rows of the requests still training
+    cache_residual: bool = option(True, "run every layer at each step, not only those from the edited one up on "
+                                  "the cached residual stream (for benchmarks)", flag="--no-v-cache", sets=False)
+    gather_logits: bool = option(True, "compute the vocabulary logits at every position, not only where the loss "
+                                 "reads them (for benchmarks)", flag="--no-v-gather", sets=False)
+    early_stop: bool = option(True, "keep every request of a batch training to the last step (for benchmarks)",
+                              flag="--no-v-early-stop", sets=False)
 
 
 # ---------------------------------------------------------------- tokenisation helpers

@@ -23,32 +23,27 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kedit_ray.defaults import Measured, Rule
+from kedit_ray.editors.contract import Editor, option
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.learned import base_pass, build_rows, shapes_of
 from kedit_ray.models import LM
+from kedit_ray.options import layers as layers_arg
+from kedit_ray.options import names, positive_float
 from kedit_ray.requests import EditRequest
 
 EPS = torch.finfo(torch.float32).eps   # the reference code's ε in (x − mean) / (std + ε)
 
-GATE = "model.layers.{}.mlp.gate_proj"
-# Measured: 500 CounterFact edits (counterfact-edit.json), sequential in turns of 100, every edit scored at the end,
-# ES / PS / NS (unedited 0.23 / 0.25 / 0.77). gemma-3-270m, up and gate projections of layers 9-14: η 1e-5
-# 0.54 / 0.33 / 0.67, 3e-5 0.75 / 0.43 / 0.54, 1e-4 0.70 / 0.50 / 0.52; layers 12-16: η 1e-5 0.60 / 0.33 / 0.67,
-# 3e-5 0.85 / 0.42 / 0.57 (up alone 0.74 / 0.37 / 0.63); 13-17 0.84 / 0.43 / 0.58; 4-8 at 3e-4 0.44 / 0.34 / 0.63;
-# 6-16 at 1e-5 0.70 / 0.38 / 0.59. Later bands write the answer more surely and cost the neighbours the same.
-# smollm2-135m (unedited 0.33 / 0.32 / 0.65), up and gate of layers 20-26: η 1e-5 0.43 / 0.35 / 0.65, 3e-5 0.61 /
-# 0.40 / 0.56, 1e-4 0.82 / 0.47 / 0.48; layers 12-20 at 3e-5 0.59 / 0.43 / 0.54. Each model: the highest ES.
-DEFAULT = {"gemma-3-270m": {"layers": [12, 13, 14, 15, 16], "modules": ["mlp_in", GATE], "eta": 3e-5},
-           "smollm2-135m": {"layers": [20, 21, 22, 23, 24, 25, 26], "modules": ["mlp_in", GATE], "eta": 1e-4}}
-
 
 @dataclass
 class UltraEditParams:
-    layers: list[int] | None = None     # None: the per-model default, else the band from 2/3 to 9/10 of the way up
-    # Arch fields ("mlp_in": up/fc_in, "mlp_out": down/fc_out) or module templates with "{}" for the layer;
-    # None: the per-model default, else mlp_in
-    modules: list[str] | None = None
-    eta: float | None = None            # η; None: the per-model default, else 3e-5
+    layers: list[int] | None = option(None, "layers to edit, e.g. 12-16 (default: measured per model, else the "
+                                      "band from 2/3 to 9/10 of the way up)", parse=layers_arg)
+    modules: list[str] | None = option(None, "the projections edited in each layer, Arch fields (mlp_in, "
+                                       "mlp_out) or templates such as 'model.layers.{}.mlp.gate_proj', "
+                                       "comma-separated (default: measured per model, else mlp_in)", parse=names)
+    eta: float | None = option(None, "η, the step of the pseudo-values v = −η‖k̂‖²ĝ (default: measured per "
+                               "model, else 3e-5)", parse=positive_float)
 
     @classmethod
     def from_dict(cls, d: dict) -> UltraEditParams:
@@ -87,13 +82,20 @@ def ridge(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(a, k.T @ v).T
 
 
-def default_layers(lm: LM) -> list[int]:
-    return list(range(round(lm.n_layers * 2 / 3), max(round(lm.n_layers * 0.9), round(lm.n_layers * 2 / 3) + 1)))
+def default_layers(n_layers: int) -> list[int]:
+    """The band from 2/3 to 9/10 of the way up (one layer at least)."""
+    low = round(n_layers * 2 / 3)
+    return list(range(low, max(round(n_layers * 0.9), low + 1)))
 
 
-class UltraEdit:
+# Measured per model in kedit_ray/defaults/<model>.toml, [ultraedit]; without a value, the rules here.
+MEASURED = Measured("ultraedit", {"layers": Rule(list[int], default_layers, "the band from 2/3 to 9/10 of the depth"),
+                                  "modules": Rule(list[str], ["mlp_in"]), "eta": Rule(float, 3e-5)})
+
+
+class UltraEdit(Editor):
     name = "ultraedit"
-    kind = "delta"     # its edits are weight Deltas
+    batched = True
 
     def __init__(self, params: UltraEditParams | None = None):
         self.hp = params or UltraEditParams()
@@ -102,11 +104,10 @@ class UltraEdit:
 
     def plan(self, lm: LM) -> tuple[list[int], list[str]]:
         """The edited layers and modules, lowest layer first."""
-        layers = self.hp.layers if self.hp.layers is not None else DEFAULT.get(lm.name, {}).get("layers")
-        layers = sorted(layers if layers is not None else default_layers(lm))
+        layers = sorted(self.hp.layers if self.hp.layers is not None else MEASURED.value(lm, "layers"))
         if not layers or not all(0 <= x < lm.n_layers for x in layers):
             raise ValueError(f"UltraEdit layers {layers}: the model has layers 0..{lm.n_layers - 1}")
-        modules = self.hp.modules if self.hp.modules is not None else DEFAULT.get(lm.name, {}).get("modules", ["mlp_in"])
+        modules = self.hp.modules if self.hp.modules is not None else MEASURED.value(lm, "modules")
         if not modules:
             raise ValueError("UltraEdit needs at least one module")
         names = [m.format(x) if "{" in m else lm.arch.name(m, x) for x in layers for m in modules]
@@ -117,7 +118,7 @@ class UltraEdit:
         return layers, names
 
     def eta(self, lm: LM) -> float:
-        return self.hp.eta if self.hp.eta is not None else DEFAULT.get(lm.name, {}).get("eta", 3e-5)
+        return self.hp.eta if self.hp.eta is not None else MEASURED.value(lm, "eta")
 
     def edit_batch(self, lm: LM, requests: list[EditRequest]) -> Delta:
         """One turn: ΔW for every edited module from one forward/backward pass over `requests`."""

@@ -9,24 +9,20 @@ At a checkpoint T (T edits applied one batch after another, none reverted):
 
              TRR = Σ_i a_i^pre · a_i^T / Σ_i a_i^pre
 
-         with a_i the case's accuracy (HELD_OUT_ACCURACY). For 0/1 accuracies this is the share of the held-out
+         with a_i the case's accuracy (its dataset record's `held_out_accuracy`, kedit_ray.datasets.registry: a
+         function of a score row and a column prefix). For 0/1 accuracies this is the share of the held-out
          cases the unedited model got right that the edited model still gets right.
          CounterFact: a = 1 − efficacy_score, i.e. the efficacy prompt still prefers the true object o over o*.
+         zsRE: a = neighborhood_score, the share of the locality answer's argmax tokens kept.
 
-A dataset adds its held-out accuracy to HELD_OUT_ACCURACY (a function of a score row and a column prefix).
 Editors add figures of their own through `edit.meta["checkpoint"]` (a dict of numbers); the protocols store them
 in the checkpoint's rows as `ckpt_<name>` columns and the summary reports them per checkpoint.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
-HELD_OUT_ACCURACY: dict[str, Callable[[dict, str], float | None]] = {
-    "counterfact": lambda row, pre: None if row.get(pre + "efficacy_score") is None
-    else 1.0 - row[pre + "efficacy_score"],
-}
-HELD_OUT_ACCURACY["zsre"] = lambda row, pre: row.get(pre + "neighborhood_score")  # loc answer argmaxes kept
+from kedit_ray.datasets.registry import lookup
 
 
 def _ok(v) -> bool:
@@ -41,7 +37,7 @@ def err(edit_rows: list[dict]) -> float | None:
 
 def trr(held_out_rows: list[dict], dataset: str = "counterfact") -> float | None:
     """TRR: held-out accuracy kept relative to the unedited model (see the module docstring)."""
-    acc = HELD_OUT_ACCURACY.get(dataset, HELD_OUT_ACCURACY["counterfact"])
+    acc = lookup(dataset).held_out_accuracy
     num = den = 0.0
     for r in held_out_rows:
         if r.get("error") is not None:

@@ -63,7 +63,7 @@ def plan_checkpoints(total: int, batch_size: int, checkpoints: list[int] | None)
 
 def apply_batch(lm: LM, editor, requests: list[EditRequest]) -> list:
     """Edit `requests` on the model as it is and apply the edits; returns them, in the order applied."""
-    if hasattr(editor, "edit_batch"):
+    if editor.batched:
         edit = editor.edit_batch(lm, requests)
         edit.apply(lm.model)
         return [edit]
@@ -220,8 +220,7 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
             for e in deltas:
                 e.release()                     # applied for good: `base` holds the one copy of W kept
             adaptors += [e for e in edits if not isinstance(e, Delta)]
-            if hasattr(editor, "commit"):
-                editor.commit(lm, batch)
+            editor.commit(lm, batch)
             seconds.update({r.case_id: (time.perf_counter() - t0) / len(batch) for r in batch})
             done += batch
             figures = {**edit_meta(edits), **checkpoint_figures(edits)}
@@ -234,8 +233,7 @@ def sequential_rows(lm: LM, editor, requests: list[EditRequest], batch_size: int
         revert_all(lm, adaptors)
         for name, w0 in base.items():
             set_weight(lm.model, name, w0)
-        if hasattr(editor, "reset"):
-            editor.reset()
+        editor.reset()
 
 
 def run_sequential(lm: LM, editor, requests: list[EditRequest], batch_size: int, checkpoints: list[int] | None,

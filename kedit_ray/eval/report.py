@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from kedit_ray.datasets.registry import lookup
 from kedit_ray.eval.summary import SCORES, summarize
 
 COLUMNS = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("S", "score")]
 # shown when some run has it: zsRE with portability questions, --ppl-docs, --generate (beside ES and PS)
 OPTIONAL = [("ES gen", "efficacy_generated"), ("PS gen", "paraphrase_generated"), ("Port", "portability_score"),
             ("PPL", "perplexity")]
-DATASETS = {"counterfact": "CounterFact", "zsre": "zsRE"}
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Run:
     path: str
     cols: dict[str, list]
     summary: dict
-    dataset: str
+    dataset: str   # a registered dataset's name
 
     @property
     def label(self) -> str:
@@ -66,13 +66,12 @@ class Run:
 
 def load_run(run_dir: str | Path) -> Run:
     from kedit_ray.results import read_results   # names and quarantines a damaged part
-    from kedit_ray.eval import scorer_name
     from kedit_ray.eval.resume import CheckpointLog
 
     if not (Path(run_dir) / "results").is_dir():
         raise FileNotFoundError(f"{run_dir} holds no results/ (is it a `kedit eval --out` directory?)")
-    config = Path(run_dir) / "config.json"
-    dataset = scorer_name(json.loads(config.read_text()).get("dataset") if config.exists() else None)
+    config = Path(run_dir) / "config.json"   # a run that does not name its dataset is CounterFact
+    dataset = json.loads(config.read_text()).get("dataset", "counterfact") if config.exists() else "counterfact"
     table = read_results(run_dir)
     summary = summarize(table, dataset)
     written = Path(run_dir) / "summary.json"
@@ -217,7 +216,7 @@ def plot(runs: list[Run], png: str | Path) -> Path:
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
     models = sorted({str(r.summary.get("model")) for r in runs})
-    datasets = sorted({DATASETS.get(r.dataset, r.dataset) for r in runs})
+    datasets = sorted({lookup(r.dataset).title for r in runs})
     ax.set_title(f"{', '.join(models)} · {', '.join(datasets)}", fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     if drawn:
