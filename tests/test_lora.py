@@ -179,7 +179,9 @@ def test_measured_defaults_and_the_rules(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path))            # no user defaults file
     keys = ("layers", "modules", "rank", "alpha", "lr", "stop_nll")
     gemma, other = SimpleNamespace(name="gemma-3-270m", n_layers=18), SimpleNamespace(name="other", n_layers=2)
+    smol = SimpleNamespace(name="smollm2-135m", n_layers=30)
     assert [lora_module.MEASURED.value(gemma, k) for k in keys] == [[0, 1, 2], ["mlp_out"], 8, 16.0, 1e-3, 0.5]
+    assert [lora_module.MEASURED.value(smol, k) for k in keys] == [[3, 4, 5], ["mlp_out"], 8, 16.0, 1e-3, 0.5]
     assert [lora_module.MEASURED.value(other, k) for k in keys] == [[0, 1], ["mlp_out"], 8, 16.0, 1e-3, 0.5]
 
 
