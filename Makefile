@@ -37,6 +37,11 @@ test-slow: install
 demo: install
 	$(VENV)/bin/kedit demo
 
+# docs/reference/ (cli.md, results.md, api.md), generated from the code; tests/test_docs.py checks they are current.
+.PHONY: docs
+docs: install
+	$(PY) -m kedit_ray.refdoc
+
 bench: install
 	@set -e; for f in benchmarks/*.py; do \
 		[ -e "$$f" ] || continue; \

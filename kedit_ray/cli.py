@@ -1,4 +1,4 @@
-"""The `kedit` command: edit, eval, report, stats, trace, train, demo, defaults.
+"""The `kedit` command: edit, demo, eval, apply, report, suite, defaults, stats, trace, train.
 
 Expected errors (bad input, bad settings, a missing model, damaged files) are printed as one line,
 `kedit COMMAND: error: ...`, with exit status 2 (1 when a run went through but every case failed);
@@ -221,6 +221,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="also score generated answers: efficacy_generated and paraphrase_generated, the share of "
                         "prompts whose greedy continuation starts with the new target (case and spaces ignored)")
     p.add_argument("--retry-errors", action="store_true", help="rerun the cases whose rows hold an error")
+    p.add_argument("--json", action="store_true",
+                   help="end by printing the whole summary.json instead of the table, counts and paths (for scripts)")
     p.add_argument("--ppl-docs", type=count, default=0,
                    help="perplexity before and after the edits on the first N documents of the default stats corpus: "
                         "per case, per batch, or at each sequential checkpoint (default: 0, not measured)")
@@ -340,11 +342,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from kedit_ray.distributed.batch import run_protocol_eval
 
         summary = run_protocol_eval(spec, edited, args.out, held_out)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2) if args.json else eval_ending(args.out, summary))
     if summary.get("cov") == "identity":
         print("[kedit] C = identity (--no-cov): ROME/MEMIT/AlphaEdit updates were not weighed by layer statistics",
               file=sys.stderr)
     return _outcome(args.out, summary)
+
+
+def eval_ending(out: str, summary: dict) -> str:
+    """What `kedit eval` ends with: `kedit report`'s table for the run (and per checkpoint), the counts, and where
+    the results are."""
+    from kedit_ray.eval.report import checkpoint_table, table
+
+    tables = [table({out: summary})] + ([checkpoint_table({out: summary})] if summary.get("checkpoints") else [])
+    counts = [f"{summary['cases']} of {summary['requested']} requested cases have results "
+              f"({summary['rows']} rows, {summary['errors']} with an error)",
+              "complete" if summary.get("complete") else "incomplete: the same command resumes the run"]
+    if summary.get("held_out_cases"):
+        counts.append(f"{summary['held_out_cases']} held-out cases for TRR")
+    if summary.get("collapsed_count"):
+        counts.append(f"{summary['collapsed_count']} rows flagged collapsed")
+    if summary.get("stopped_at") is not None:
+        counts.append(f"stopped at checkpoint {summary['stopped_at']} (--stop-on-collapse)")
+    if summary.get("wall_seconds") is not None:
+        workers = summary.get("workers", 1)
+        counts.append(f"{summary['wall_seconds']:.1f} s on {workers} worker{'s' * (workers != 1)}")
+    where = Path(out)
+    return "\n\n".join(tables) + "\n\n" + "; ".join(counts) + "\n" + \
+        f"results: {where / 'results'} (Parquet)\nsummary: {where / 'summary.json'} (--json prints it)\n" + \
+        f"chart:   kedit report {out}"
 
 
 def _writable(out: str) -> None:
@@ -377,6 +403,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     print(report(args.dirs, args.png))
     return 0
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    from kedit_ray.suite import run_suite
+
+    pool = ["--workers", str(args.workers), "--gpus-per-worker", str(args.gpus_per_worker)]
+    pool += ["--cpus-per-worker", str(args.cpus_per_worker)] if args.cpus_per_worker is not None else []
+    pool += ["--address", args.address] if args.address else []
+    return run_suite(args.file, args.out, pool)
 
 
 # ---------------------------------------------------------------- defaults
@@ -431,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, description=text, parents=[common], formatter_class=HelpFormatter)
+        return sub.add_parser(name, help=text.replace("%", "%%"), description=text, parents=[common],
+                              formatter_class=HelpFormatter)           # help is %-formatted, a description not
 
     add_edit_args(command("edit", "edit one fact and show top predictions before and after"))
     add_edit_args(command("demo", "the Space Needle → Goa edit on the default model"), demo=True)
@@ -441,9 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", action="append", required=True,
                    help="a delta file (`kedit edit --save`); repeat to apply several, in order")
     p.add_argument("--out", required=True, help="the directory to write (absent or empty)")
-    p = command("report", "aggregate table and figure (95%% bootstrap intervals) of eval runs")
+    p = command("report", "aggregate table and figure (95% bootstrap intervals) of eval runs")
     p.add_argument("dirs", nargs="+", help="eval --out directories")
     p.add_argument("--png", default=None, help="chart path (default: DIR/report.png of the first DIR)")
+    p = command("suite", "run many evals from a TOML file on one pool of workers, then report them together")
+    p.add_argument("file", help="the suite: a TOML file of [[run]] tables (docs/guide/suite.md)")
+    p.add_argument("--out", required=True, help="directory: one `kedit eval --out` folder per run, report.txt, "
+                                                "report.png, suite.json")
+    add_ray_args(p, "suite")
     p = command("defaults", "the settings an editor takes on a model and where each comes from (a flag, the "
                             "user's or the package's defaults file, the method's rule); loads no weights")
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -459,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 PLUGINS = {"stats": "kedit_ray.stats.command", "trace": "kedit_ray.tracing.command", "train": "kedit_ray.train"}
 COMMANDS = {"edit": cmd_edit, "demo": cmd_edit, "eval": cmd_eval, "report": cmd_report, "apply": cmd_apply,
-            "defaults": cmd_defaults}
+            "defaults": cmd_defaults, "suite": cmd_suite}
 
 
 def one_line(exc: BaseException) -> str:

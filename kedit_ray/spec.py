@@ -70,6 +70,7 @@ class Resources:
     cpus_per_worker: float | None = None
     gpus_per_worker: float = 0
     address: str | None = None
+    share_weights: bool = False  # the CPU workers of a node map one read-only copy (distributed.shared)
 
     def __post_init__(self):
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -81,7 +82,8 @@ class Resources:
 
     @classmethod
     def from_args(cls, args) -> Resources:
-        return cls(args.workers, args.cpus_per_worker, args.gpus_per_worker, args.address)
+        return cls(args.workers, args.cpus_per_worker, args.gpus_per_worker, args.address,
+                   getattr(args, "share_weights", False))
 
     @property
     def cluster(self) -> str | None:

@@ -10,14 +10,14 @@ import torch
 
 from kedit_ray.cli import main
 from kedit_ray.defaults import PACKAGE_DIR, DefaultsError, model_defaults, model_key
-from kedit_ray.editors import alphaedit, ft, grace, ke, memit, mend, rome, ultraedit
+from kedit_ray.editors import alphaedit, emmet, ft, grace, ike, ke, lora, memit, mend, rome, ultraedit, wise
 from kedit_ray.editors.grace import GraceParams
 from kedit_ray.editors.memit import MemitParams, settle
 from kedit_ray.editors.toolkit import ValueParams
 from kedit_ray.errors import SettingError
 
 GATE = "model.layers.{}.mlp.gate_proj"
-MEASURED = [rome, memit, alphaedit, grace, ft, ke, mend, ultraedit]
+MEASURED = [rome, memit, alphaedit, emmet, grace, ft, ke, mend, ultraedit, lora, ike, wise]
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def test_the_package_files_parse_and_hold_both_models():
     for name in ("gemma-3-270m", "smollm2-135m"):
         with open(PACKAGE_DIR / f"{name}.toml", "rb") as f:
             tables = tomllib.load(f)
-        assert {"rome", "memit", "alphaedit", "grace", "ke", "ultraedit"} <= set(tables), name
+        assert {"rome", "memit", "alphaedit", "emmet", "grace", "ke", "ultraedit", "lora"} <= set(tables), name
         for module in MEASURED:
             module.MEASURED.read(name)                        # every key known, every value of its type
     assert model_defaults("gemma-3-270m", "memit")["values.clamp_norm"] == (1.0, str(PACKAGE_DIR / "gemma-3-270m.toml"))

@@ -52,10 +52,10 @@ def _rows(out) -> list[dict]:
 def test_eval_ppl_docs_end_to_end(tmp_path, tiny_dir, tiny_lm, capsys, one_thread):
     data = write(tmp_path / "d.jsonl", [GOOD, {**GOOD, "case_id": 1, "subject": "Eiffel Tower", "target_new": "Rome"}])
     out = tmp_path / "o"
-    assert main(eval_argv(tiny_dir, data, out, "--workers", "1", "--ppl-docs", "2")) == 0
+    assert main(eval_argv(tiny_dir, data, out, "--workers", "1", "--ppl-docs", "2", "--dtype", "float32")) == 0
     rows = _rows(out)
     assert len(rows) == 2 and all(r["error"] is None for r in rows)
-    pre = perplexity(tiny_lm, corpus_docs(2))   # the unedited model's, once per worker: the same in every row
+    pre = perplexity(tiny_lm, corpus_docs(2))   # the unedited float32 model's, once per worker: the same in every row
     for r in rows:
         assert r["pre_perplexity"] == pytest.approx(pre, rel=1e-5)
         assert r["perplexity"] > 0 and r["perplexity"] != r["pre_perplexity"]   # the edit changed the model

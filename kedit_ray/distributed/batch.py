@@ -72,10 +72,15 @@ class BatchWorker(ModelWorker):
 
     def __init__(self, spec: EvalSpec, index: int, cpus: float, gpus: list | None = None):
         super().__init__(spec.model, index, cpus, gpus)
+        self.in_ray = gpus is None
+        self.serve(spec)
+
+    def serve(self, spec: EvalSpec) -> None:
+        """Edit and score for `spec` from now on, on the model already loaded (a suite's worker serves run after
+        run)."""
         self.spec = spec
         self.editor = make_editor(spec.method, spec.params)
         self.scorer = Scorer.of(spec)   # the dataset's figures, --generate, --fluency
-        self.in_ray = gpus is None
         self.probe = Probe.of(spec)   # --ppl-docs
         self.editor.prepare(self.lm)
 

@@ -52,8 +52,12 @@ class EditWorker(ModelWorker):
     def __init__(self, spec: EvalSpec, index: int, cpus: float, gpus: list | None = None):
         runner = load_runner(spec.runner)
         super().__init__(spec.model if getattr(runner, "needs_model", True) else None, index, cpus, gpus)
+        self.serve(spec)
+
+    def serve(self, spec: EvalSpec) -> None:
+        """Run `spec`'s cases from now on, on the model already loaded (a suite's worker serves run after run)."""
         self.spec = spec
-        self.runner = runner(spec, self.lm)
+        self.runner = load_runner(spec.runner)(spec, self.lm)
         self.editor = getattr(self.runner, "editor", None)
 
     def run(self, request: EditRequest) -> dict:

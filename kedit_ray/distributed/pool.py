@@ -12,10 +12,14 @@ eval driver writes it as an error row; a scatter raises). A replacement that can
 does not hold the run up: the live workers take the queue, and only when none is left and none comes up within
 `place_timeout` does the run stop, its work so far saved. Workers whose model fingerprints differ are refused.
 A worker that fails in its constructor fails the run with that error (a replacement would fail the same way).
+
+Weights: the CPU workers (no GPU per worker) of a pool of more than one map one read-only copy per node where a load
+would make them anew in each (distributed.shared) when resources.share_weights is on (--share-weights).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 import sys
 import time
@@ -27,12 +31,15 @@ import ray
 from ray.exceptions import RayActorError
 
 from kedit_ray.distributed.cluster import connect
+from kedit_ray.distributed.shared import WeightStore, sharing
 from kedit_ray.distributed.worker import WorkerInfo, local_ref
 from kedit_ray.errors import PoolError
 from kedit_ray.spec import Resources
 
 MAX_DEATHS = 2          # workers an item may take down before it is given up
 PLACE_TIMEOUT = 300.0   # seconds to wait for a replacement when no worker is left
+# a pool open already, lent to open_pool (`lending`): `kedit suite` runs every eval on one pool
+LENDER: contextvars.ContextVar = contextvars.ContextVar("kedit_pool_lender", default=None)
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,9 @@ class LocalPool:
     def broadcast(self, method: str, *args) -> None:
         getattr(self.worker, method)(*args)
 
+    def forget(self) -> None:
+        """(RayPool: drop the broadcasts a replacement replays; one worker in this process has none to keep.)"""
+
     def each(self, method: str, *args) -> list:
         return [getattr(self.worker, method)(*args)]
 
@@ -120,7 +130,9 @@ class RayPool:
 
     def __init__(self, worker_cls, args: tuple, resources: Resources, size: int, expected: str | None = None,
                  place_timeout: float = PLACE_TIMEOUT):
-        self.remote = ray.remote(worker_cls)
+        share = resources.share_weights and resources.gpus_per_worker == 0 and size > 1
+        self.store = ray.remote(WeightStore).options(num_cpus=0).remote() if share else None
+        self.remote = ray.remote(sharing(worker_cls) if share else worker_cls)
         self.args, self.size, self.expected, self.place_timeout = args, size, expected, place_timeout
         self.cpus = resources.cpus()
         self.options = dict(num_cpus=self.cpus, num_gpus=resources.gpus_per_worker, max_restarts=0,
@@ -150,7 +162,8 @@ class RayPool:
     # ------------------------------------------------------------------ workers coming and going
 
     def _spawn(self, index: int) -> None:
-        actor = self.remote.options(**self.options).remote(*self.args, index=index, cpus=self.cpus)
+        shared = {"store": self.store} if self.store is not None else {}
+        actor = self.remote.options(**self.options).remote(*self.args, index=index, cpus=self.cpus, **shared)
         self.index[actor] = index
         self.starting[actor.info.remote()] = actor
 
@@ -265,6 +278,10 @@ class RayPool:
         self.setup.append((method, args))
         self.each(method, *args)
 
+    def forget(self) -> None:
+        """Drop the broadcasts so far: a replacement starts from its model alone (a suite's next run)."""
+        self.setup.clear()
+
     def each(self, method: str, *args) -> list:
         """[`method(*args)`] from every idle worker now (a worker lost meanwhile gives nothing)."""
         actors = list(self.idle)
@@ -297,7 +314,9 @@ class RayPool:
     def close(self) -> None:
         for actor in [*self.index, *self.starting.values()]:
             ray.kill(actor, no_restart=True)
-        self.index, self.starting, self.idle = {}, {}, []
+        if self.store is not None:   # after the workers: its copies go with it
+            ray.kill(self.store, no_restart=True)
+        self.index, self.starting, self.idle, self.store = {}, {}, [], None
 
     def __enter__(self):
         return self
@@ -311,7 +330,16 @@ def open_pool(worker_cls, args: tuple, resources: Resources, size: int | None = 
               expected: str | None = None) -> Iterator[LocalPool | RayPool]:
     """`size` (default resources.workers, never more) workers of `worker_cls(*args, index=, cpus=, gpus=)`: one
     in this process when resources.in_process, else Ray actors (Ray joined or started by cluster.connect, and
-    checked to hold them). `expected`: the fingerprint every worker must report."""
+    checked to hold them). `expected`: the fingerprint every worker must report. Inside `lending(lender)`,
+    `lender.lend(worker_cls, args, resources)` comes first: a context manager yielding a pool already open, or None
+    for a pool it does not serve."""
+    lender = LENDER.get()
+    lent = lender.lend(worker_cls, args, resources) if lender is not None else None
+    if lent is not None:
+        with lent as pool:
+            _check_fingerprints(pool.infos, expected)
+            yield pool
+        return
     size = min(size or resources.workers, resources.workers)
     if resources.in_process:
         import torch
@@ -326,6 +354,16 @@ def open_pool(worker_cls, args: tuple, resources: Resources, size: int | None = 
     with connect(resources), RayPool(worker_cls, args, resources, size, expected) as pool:
         _say(pool.infos)
         yield pool
+
+
+@contextlib.contextmanager
+def lending(lender) -> Iterator[None]:
+    """While inside, open_pool asks `lender` for its pool first (see open_pool)."""
+    token = LENDER.set(lender)
+    try:
+        yield
+    finally:
+        LENDER.reset(token)
 
 
 def _say(infos: list[WorkerInfo]) -> None:

@@ -99,10 +99,14 @@ class ModelWorker:
         self.threads = max(1, int(cpus))
         torch.set_num_threads(self.threads)
         device_map, self.device = placement(gpus, model.device_map if model else None, torch.cuda.device_count())
-        self.lm = model.load(device_map) if model is not None else None
+        self.lm = self.load_model(model, device_map) if model is not None else None
         self.name = f"w{index}@{socket.gethostname()}:{os.getpid()}"
         self.applied: list[tuple[str, object]] = []     # (ref id, edit), in the order applied
         self.editor = None                               # subclasses that edit set it
+
+    def load_model(self, model: ModelSpec, device_map: str | dict | None):
+        """The LM this worker holds (distributed.shared overrides it to map a node's shared copy)."""
+        return model.load(device_map)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.name, self.lm.fingerprint if self.lm is not None else None, self.device, self.threads)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kedit_ray.models.arch import Arch, detect_arch, num_layers
+from kedit_ray.models.dtype import resolve_dtype
 from kedit_ray.models.weights import execution_device, param
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -231,26 +232,33 @@ def parse_map(value: str | dict | None, what: str) -> str | dict | None:
 
 def load(name: str = DEFAULT_MODEL, device_map: str | dict | None = None, dtype: str | torch.dtype = "float32",
          templates: dict[str, str] | None = None, max_memory: str | dict | None = None,
-         offload_folder: str | None = None) -> LM:
+         offload_folder: str | None = None, weights: dict[str, torch.Tensor] | None = None) -> LM:
     """Load `name` (see `resolve`) for editing: eval mode, no grads on weights.
 
     `device_map` goes to accelerate: "auto", a {module: device} map ("disk" offloads), as a dict, a JSON string
     or the path of a JSON file. `max_memory` caps each device ({"cpu": "2GiB"}, {0: "20GiB", "cpu": "60GiB"};
     the same forms) and implies device_map "auto". `dtype`: "float32", "bfloat16" or "float16" (the weights'
-    dtype; editors keep k*, v*, C and their solves in float32/float64). Offloaded modules read from the
-    checkpoint's safetensors where they can, else from `offload_folder` (default: a temporary directory removed
-    with the model)."""
+    dtype; editors keep k*, v*, C and their solves in float32/float64), or "auto" (models.dtype: what the machine
+    does best where the model goes). Offloaded modules read from the checkpoint's safetensors where they can, else
+    from `offload_folder` (default: a temporary directory removed with the model). `weights`: the values of every
+    parameter and buffer by name, as this load on the CPU gives them (no device map then): the model is built with
+    empty weights and takes each parameter's tensor itself, no copy (kedit_ray.distributed.shared's shared pages)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-        dtype = DTYPES[dtype]
     device_map = parse_map(device_map, "device_map")
     max_memory = parse_map(max_memory, "max_memory")
     if max_memory is not None and device_map is None:
         device_map = "auto"
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device_map)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or auto; got {dtype!r}")
+        dtype = DTYPES[dtype]
     path = resolve(name)
+    if weights is not None:
+        if device_map is not None:
+            raise ValueError("load: `weights` builds the model on the CPU; it takes no device_map or max_memory")
+        return wrap(_build(path, dtype, weights), AutoTokenizer.from_pretrained(path), name, templates, path)
     own_folder = offload_folder is None and (isinstance(device_map, str) or
                                              (isinstance(device_map, dict) and "disk" in device_map.values()))
     if own_folder:
@@ -262,6 +270,30 @@ def load(name: str = DEFAULT_MODEL, device_map: str | dict | None = None, dtype:
     elif own_folder:
         weakref.finalize(model, shutil.rmtree, offload_folder, True)
     return wrap(model, AutoTokenizer.from_pretrained(path), name, templates, path)
+
+
+def _build(path: str, dtype: torch.dtype, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The model of `path` built with empty weights, its parameters then `weights`' tensors themselves (a tied
+    parameter stays one, in every module holding it) and its buffers copies of theirs."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():   # parameters on "meta", buffers real
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    model.tie_weights()          # as from_pretrained does: tied parameters one object
+    given = {}
+    for name, p in model.named_parameters():   # a tied parameter once, under its first name
+        if name not in weights or tuple(weights[name].shape) != tuple(p.shape):
+            raise ValueError(f"{path}: the weights given have no {name} of shape {tuple(p.shape)}")
+        given[id(p)] = nn.Parameter(weights[name], requires_grad=False)
+    for module in model.modules():
+        for leaf, p in module._parameters.items():
+            if p is not None:
+                module._parameters[leaf] = given[id(p)]
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(weights[name])
+    return model
 
 
 def wrap(model: nn.Module, tok, name: str, templates: dict[str, str] | None = None, source: str | None = None) -> LM:

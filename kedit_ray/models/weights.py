@@ -12,6 +12,10 @@ fingerprints read and write through here:
     weight(model, module) / set_weight(model, module, W)   W as [out, in] (GPT-2's Conv1D stores it transposed)
     execution_device(model, module)                        where the module computes
 
+A parameter marked SHARED holds another process's read-only pages (the weights the CPU workers of a node share,
+kedit_ray.distributed.shared): its first write gives it a private copy first (copy on write), so that an edit never
+reaches the other workers.
+
 A write to an offloaded weight goes to the store's in-memory part (OffloadedWeightsLoader.state_dict, which
 accelerate reads before the disk): one matrix of CPU memory per edited module. The checkpoint and the offload
 folder are never written. What cannot be written (an integer or quantised weight, a meta tensor with no hook
@@ -25,6 +29,9 @@ import torch
 from torch import nn
 
 from kedit_ray.models.hooks import get_module, stores_transposed
+
+
+SHARED = "_kedit_shared"   # attribute set (True) on a parameter whose storage is shared read-only
 
 
 class WeightAccessError(ValueError):
@@ -98,6 +105,9 @@ def set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
                                 f"floating-point weights; load the model unquantised")
     with torch.no_grad():
         if p.device.type != "meta":
+            if getattr(p, SHARED, False):   # copy on write: fresh memory of this process's own, written whole
+                p.data = torch.empty_like(p)
+                setattr(p, SHARED, False)
             p.copy_(value)
             return
         hook, key = _offload_entry(model, name)
