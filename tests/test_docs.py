@@ -130,11 +130,25 @@ def shrink(text: str, tmp: Path) -> tuple[str, list[str]]:
                 command = f"{command[:found.end()]} {flag} {SHRINK[flag]}{command[found.end():]}"
         runs.append(command)
     script = "\n".join(runs)
-    found = re.findall(rf"(?<!\S)(?:{'|'.join(OUTPUTS)})[ =]([^\s;&|]+)", script)
-    for i, value in enumerate(dict.fromkeys(v.rstrip("/") for v in found)):
+    for i, value in enumerate(dict.fromkeys(outputs(script))):
         moved = tmp / f"{i}-{Path(value).name or 'out'}"
         script = re.sub(rf"(?<![^\s=]){re.escape(value)}(?=/|\s|$)", str(moved).replace("\\", "\\\\"), script)
     return script, dropped
+
+
+def outputs(text: str) -> list[str]:
+    """The paths a block's commands write (--out and the like)."""
+    return [v.rstrip("/") for v in re.findall(rf"(?<!\S)(?:{'|'.join(OUTPUTS)})[ =]([^\s;&|]+)", text)]
+
+
+def with_inputs(block: Block, blocks: list[Block]) -> str:
+    """The block's text after the earlier blocks of its page that write a path it reads (a reader runs a page in
+    order: `kedit report runs/rome` after the `kedit eval --out runs/rome` above it)."""
+    text = block.text
+    for earlier in reversed([b for b in blocks if b.path == block.path and b.line < block.line and b.skip is None]):
+        if any(re.search(rf"(?<![^\s=]){re.escape(v)}(?=/|\s|$)", text) for v in outputs(earlier.text)):
+            text = f"{earlier.text}\n{text}"
+    return text
 
 
 def _env() -> dict[str, str]:
@@ -165,6 +179,11 @@ def test_blocks_are_found_and_shrunk(tmp_path):
         f"kedit eval --limit 2 --out={ft} --png {tmp_path / '2-x.png'}",
         f"kedit report {rome} {ft}/", f".venv/bin/kedit train --steps 2 --method ke --out {tmp_path / '3-ke'}"]
     assert dropped == [] and shrink(two.text, tmp_path)[0] == "kedit stats --samples 2"
+    page.write_text("```bash\nkedit eval --out runs/a\n```\n```bash\nkedit eval --out runs/b\n```\n"
+                    "```bash\nkedit report runs/a\n```\n")
+    blocks = find_blocks(page)
+    assert with_inputs(blocks[2], blocks) == "kedit eval --out runs/a\nkedit report runs/a"   # not runs/b's
+    assert with_inputs(blocks[1], blocks) == "kedit eval --out runs/b"
 
 
 def test_the_readme_blocks_parse():
@@ -179,7 +198,7 @@ def test_the_readme_blocks_parse():
 def test_a_shell_block_runs(block: Block, tmp_path):
     if block.skip is not None:
         pytest.skip(block.skip)
-    script, dropped = shrink(block.text, tmp_path)
+    script, dropped = shrink(with_inputs(block, BLOCKS), tmp_path)
     if not script:
         pytest.skip("; ".join(dropped))
     trap = "trap 'echo \"docs-test: this command failed: $BASH_COMMAND\" >&2' ERR\n"
