@@ -2,7 +2,8 @@
 README.md and docs/guide/*.md runs (slow), shrunk the same way every time:
 
     --limit N            → --limit 2, and the other sizes in SHRINK likewise (a command of ADDED without the flag
-                           gets it: `kedit eval` → `kedit eval --limit 2`), so that a block takes minutes, not hours
+                           gets it: `kedit eval` → `kedit eval --limit 2`), so that a block takes minutes, not hours;
+                           `kedit trace --suggest-layer` gets 20 (the model may know none of 2 facts)
     --out / --png / --save / --save-model X
                          → a temporary path, and X is replaced by it everywhere in the block (`kedit report X`)
     make test, make test-slow   not run ("recursion"); make install / clean / distclean / bench not run either
@@ -128,6 +129,8 @@ def shrink(text: str, tmp: Path) -> tuple[str, list[str]]:
             found = re.search(rf"(?<!\S)(?:\S*/)?(?:{pattern})(?=\s|$)", command)
             if found and not re.search(rf"(?<!\S){flag}[ =]", command):
                 command = f"{command[:found.end()]} {flag} {SHRINK[flag]}{command[found.end():]}"
+        if re.search(r"kedit trace\b", command) and "--suggest-layer" in command:   # 2 facts may hold none it knows
+            command = re.sub(r"(?<!\S)--limit([ =])\S+", r"--limit\g<1>20", command)
         runs.append(command)
     script = "\n".join(runs)
     for i, value in enumerate(dict.fromkeys(outputs(script))):
