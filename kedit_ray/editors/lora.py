@@ -23,7 +23,7 @@ from kedit_ray.defaults import Measured, Rule
 from kedit_ray.editors.contract import Editor, option
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.learned import build_rows
-from kedit_ray.editors.toolkit import target_loss
+from kedit_ray.editors.toolkit import band_modules, target_loss
 from kedit_ray.models import LM, Trace, get_module
 from kedit_ray.models.hooks import stores_transposed
 from kedit_ray.options import fraction, names, positive, positive_float
@@ -123,16 +123,8 @@ class LoRA(Editor):
     def plan(self, lm: LM) -> tuple[list[int], list[str]]:
         """The adapted layers and modules, lowest layer first."""
         layers = sorted(self.setting(lm, "layers"))
-        if not layers or not all(0 <= x < lm.n_layers for x in layers):
-            raise ValueError(f"LoRA layers {layers}: the model has layers 0..{lm.n_layers - 1}")
-        modules = self.setting(lm, "modules")
-        if not modules:
-            raise ValueError("LoRA needs at least one module")
-        names = [m.format(x) if "{" in m else lm.arch.name(m, x) for x in layers for m in modules]
+        names = band_modules(lm, "LoRA", layers, self.setting(lm, "modules"), "--lora-modules")
         have = dict(lm.model.named_modules())
-        if missing := [n for n in names if n not in have]:
-            raise ValueError(f"LoRA modules {missing[:3]} are not in {lm.name} (--lora-modules takes Arch fields "
-                             f"such as mlp_in, mlp_out, or templates such as 'model.layers.{{}}.mlp.up_proj')")
         if odd := [n for n in names if not (isinstance(have[n], nn.Linear) or stores_transposed(have[n]))]:
             raise ValueError(f"LoRA adapts linear maps; {odd[0]} is a {type(have[odd[0]]).__name__}")
         return layers, names

@@ -62,6 +62,21 @@ def subject_last_index(lm: LM, text: str, subject: str) -> int:
     return idx[-1]
 
 
+def band_modules(lm: LM, who: str, layers: list[int], modules: list[str], flag: str) -> list[str]:
+    """The names of `modules` (Arch fields, or templates such as 'model.layers.{}.mlp.up_proj') at each of `layers`,
+    checked to exist; errors name the editor `who` and its `flag`."""
+    if not layers or not all(0 <= x < lm.n_layers for x in layers):
+        raise ValueError(f"{who} layers {layers}: the model has layers 0..{lm.n_layers - 1}")
+    if not modules:
+        raise ValueError(f"{who} needs at least one module")
+    names = [m.format(x) if "{" in m else lm.arch.name(m, x) for x in layers for m in modules]
+    have = dict(lm.model.named_modules())
+    if missing := [n for n in names if n not in have]:
+        raise ValueError(f"{who} modules {missing[:3]} are not in {lm.name} ({flag} takes Arch fields "
+                         f"such as mlp_in, mlp_out, or templates such as 'model.layers.{{}}.mlp.up_proj')")
+    return names
+
+
 def pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists into (input_ids, attention_mask)."""
     n = max(map(len, rows))

@@ -27,6 +27,7 @@ from kedit_ray.defaults import Measured, Rule
 from kedit_ray.editors.contract import Editor, option
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.learned import base_pass, build_rows, shapes_of
+from kedit_ray.editors.toolkit import band_modules
 from kedit_ray.models import LM
 from kedit_ray.options import layers as layers_arg
 from kedit_ray.options import names, positive_float
@@ -105,17 +106,8 @@ class UltraEdit(Editor):
     def plan(self, lm: LM) -> tuple[list[int], list[str]]:
         """The edited layers and modules, lowest layer first."""
         layers = sorted(self.hp.layers if self.hp.layers is not None else MEASURED.value(lm, "layers"))
-        if not layers or not all(0 <= x < lm.n_layers for x in layers):
-            raise ValueError(f"UltraEdit layers {layers}: the model has layers 0..{lm.n_layers - 1}")
         modules = self.hp.modules if self.hp.modules is not None else MEASURED.value(lm, "modules")
-        if not modules:
-            raise ValueError("UltraEdit needs at least one module")
-        names = [m.format(x) if "{" in m else lm.arch.name(m, x) for x in layers for m in modules]
-        have = dict(lm.model.named_modules())
-        if missing := [n for n in names if n not in have]:
-            raise ValueError(f"UltraEdit modules {missing[:3]} are not in {lm.name} (--modules takes Arch fields "
-                             f"such as mlp_in, mlp_out, or templates such as 'model.layers.{{}}.mlp.up_proj')")
-        return layers, names
+        return layers, band_modules(lm, "UltraEdit", layers, modules, "--modules")
 
     def eta(self, lm: LM) -> float:
         return self.hp.eta if self.hp.eta is not None else MEASURED.value(lm, "eta")
