@@ -17,7 +17,7 @@ from paths import absolute_inputs, refuse_relative_outputs
 
 from kedit_ray.cli import main
 
-INPUTS = {"eval": ("--data", "--editor-checkpoint", "--stats-corpus"), "stats": ("--corpus",)}
+INPUTS = {"eval": ("--data", "--editor-checkpoint", "--stats-corpus", "--ike-pool"), "stats": ("--corpus",)}
 OUTPUTS = {"eval": ("--out",), "stats": ("--cache",)}
 
 

@@ -36,6 +36,18 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def load_tagged(path: str | Path, tag: str, what: str) -> tuple[dict, str]:
+    """(the tensors, the JSON text of metadata key `tag`) of a file `save_tensors` wrote with that key; a file
+    without it is refused as not `what` ("a kedit delta file")."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if tag not in meta:
+            raise ValueError(f"{path} is not {what} (no {tag!r} metadata)")
+        return {k: f.get_tensor(k) for k in f.keys()}, meta[tag]
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

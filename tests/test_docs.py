@@ -35,7 +35,7 @@ SHRINK = {"--limit": "2", "--samples": "2", "--steps": "2", "--batch-size": "1",
           "--checkpoint-sample": "1", "--held-out": "1", "--ppl-docs": "1"}
 ADDED = {r"kedit (?:eval|trace)|jobs/evaluate\.py": "--limit", r"kedit train": "--steps",
          r"kedit stats|jobs/precompute_stats\.py": "--samples"}   # command -> the size flag it gets when it lacks it
-OUTPUTS = ("--out", "--png", "--save", "--save-model")
+OUTPUTS = ("--out", "--png", "--save", "--save-model", ">")   # ">": a shell redirection
 NOT_RUN = {"test": "recursion", "test-slow": "recursion", "install": "it would reinstall the environment",
            "clean": "it would delete build files", "distclean": "it would delete the environment",
            "bench": "the benchmarks take too long"}
@@ -141,7 +141,8 @@ def shrink(text: str, tmp: Path) -> tuple[str, list[str]]:
 
 def outputs(text: str) -> list[str]:
     """The paths a block's commands write (--out and the like)."""
-    return [v.rstrip("/") for v in re.findall(rf"(?<!\S)(?:{'|'.join(OUTPUTS)})[ =]([^\s;&|]+)", text)]
+    return [v.rstrip("/") for v in re.findall(rf"(?<!\S)(?:{'|'.join(OUTPUTS)})[ =]([^\s;&|]+)", text)
+            if v != "/dev/null"]
 
 
 def with_inputs(block: Block, blocks: list[Block]) -> str:
@@ -187,6 +188,9 @@ def test_blocks_are_found_and_shrunk(tmp_path):
     blocks = find_blocks(page)
     assert with_inputs(blocks[2], blocks) == "kedit eval --out runs/a\nkedit report runs/a"   # not runs/b's
     assert with_inputs(blocks[1], blocks) == "kedit eval --out runs/b"
+    script, _ = shrink("printf x > facts.jsonl\nkedit eval --data facts.jsonl --out r 2>/dev/null >/dev/null", tmp_path)
+    assert script == f"printf x > {tmp_path / '0-facts.jsonl'}\n" \
+                     f"kedit eval --limit 2 --data {tmp_path / '0-facts.jsonl'} --out {tmp_path / '1-r'} 2>/dev/null >/dev/null"
 
 
 def test_the_readme_blocks_parse():

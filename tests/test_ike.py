@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kedit_ray.editors import EDITORS, Ike, IkeContext, IkeParams, make_editor
-from kedit_ray.editors.ike import KINDS, bare, demonstration, fact, query
+from kedit_ray.editors.ike import KINDS, IkeContext, demonstration, fact, query
 from kedit_ray.editors.toolkit import pad, target_ids
 from kedit_ray.errors import SettingError
 from kedit_ray.eval.counterfact import target_nll
@@ -71,7 +71,7 @@ def run(lm, rows: list[list[int]]) -> torch.Tensor:
 def direct(lm, ctx: IkeContext, row: list[int]) -> torch.Tensor:
     """The model, no context active, on C + the row less its BOS, at the row's positions (C's last one for the
     BOS)."""
-    with torch.no_grad(), bare(lm.model):
+    with torch.no_grad(), IkeContext.suspended(lm.model):
         out = lm.model(input_ids=torch.tensor([ctx.ids + row[1:]])).logits[0]
     return out[len(ctx.ids) - 1:]
 

@@ -63,9 +63,10 @@ def test_job_arguments(tmp_path, monkeypatch):
     finally:
         sys.path.remove(str(ROOT / "jobs"))
     monkeypatch.chdir(tmp_path)
-    argv = job_argv("eval", ["--data", "cases.jsonl", "more.json", "--stats-corpus=wiki.raw", "--out", "/abs/out"])
+    argv = job_argv("eval", ["--data", "cases.jsonl", "more.json", "--stats-corpus=wiki.raw", "--out", "/abs/out",
+                             "--ike-pool", "train.json"])
     assert argv == ["eval", "--address", "auto", "--data", str(tmp_path / "cases.jsonl"), str(tmp_path / "more.json"),
-                    f"--stats-corpus={tmp_path / 'wiki.raw'}", "--out", "/abs/out"]
+                    f"--stats-corpus={tmp_path / 'wiki.raw'}", "--out", "/abs/out", "--ike-pool", str(tmp_path / "train.json")]
     assert job_argv("stats", ["--corpus", "/c", "--address", "h:1"]) == ["stats", "--corpus", "/c", "--address", "h:1"]
     for command, argv in (("eval", ["--out", "runs/x"]), ("eval", ["--out=runs/x"]), ("stats", ["--cache", "c"])):
         with pytest.raises(SystemExit, match="is relative: in a Ray job it would be written inside"):

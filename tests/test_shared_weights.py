@@ -197,3 +197,27 @@ def test_offloaded_models_load_as_before_and_the_flag_turns_sharing_off(tiny_dir
     add_ray_args(p, "eval")
     assert not Resources.from_args(p.parse_args([])).share_weights
     assert Resources.from_args(p.parse_args(["--share-weights"])).share_weights
+
+
+def test_a_loaded_tokenizer_keeps_no_python_copy_of_its_vocabulary():
+    """transformers 5 builds gemma's tokenizer from Python vocab and merges and keeps them (185 MB a worker for
+    262,144 words); `wrap` drops them: the tokenizer encodes, decodes and saves as before."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    from kedit_ray.models.loading import slim
+
+    words = ["▁the", "▁Space", "▁Need", "le", "▁is", "▁in", "▁Seattle", "▁Paris"]
+    vocab = {**{t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])},
+             **{w: 5 + i for i, w in enumerate(words)}, "▁Nee": 13, "d": 14}
+    plain, slimmed = (GemmaTokenizer(vocab=dict(vocab), merges=[("▁Nee", "d")]) for _ in range(2))
+    text = ["the Space Needle is in Seattle", "in Paris Needle"]
+    slim(slimmed)
+    assert slimmed._vocab is None and slimmed._merges is None and plain._vocab is not None
+    assert slimmed(text).input_ids == plain(text).input_ids and slimmed.get_vocab() == plain.get_vocab()
+    assert slimmed.batch_decode(plain(text).input_ids) == plain.batch_decode(plain(text).input_ids)
+    with tempfile.TemporaryDirectory() as d:
+        slimmed.save_pretrained(d)
+        assert AutoTokenizer.from_pretrained(d)(text).input_ids == plain(text).input_ids

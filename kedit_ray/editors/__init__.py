@@ -15,7 +15,7 @@ params' options (`contract.option`) to the CLI.
 """
 from kedit_ray.editors.alphaedit import AlphaEdit, AlphaEditParams
 from kedit_ray.editors.contract import Editor
-from kedit_ray.editors.delta import Delta, Edit
+from kedit_ray.editors.delta import Delta, Edit, Hooked
 from kedit_ray.editors.emmet import Emmet, EmmetParams
 from kedit_ray.editors.ft import FT, FTLParams, FTParams
 from kedit_ray.editors.grace import Grace, GraceAdaptor, GraceParams
@@ -56,7 +56,7 @@ def make_editor(method: str, params: dict | None = None):
 
 
 __all__ = ["AlphaEdit", "AlphaEditParams", "Delta", "EDITORS", "Edit", "Editor", "Emmet", "EmmetParams", "FT",
-           "FTParams", "FTLParams", "Grace", "GraceAdaptor", "GraceParams", "Ike", "IkeContext", "IkeParams", "KE",
+           "FTParams", "FTLParams", "Grace", "GraceAdaptor", "GraceParams", "Hooked", "Ike", "IkeContext", "IkeParams", "KE",
            "LearnedParams", "LoRA", "LoRAParams",
            "MEND", "Memit", "MemitParams", "Rome", "RomeParams", "UltraEdit", "UltraEditParams", "Wise",
            "WiseAdaptor", "WiseParams", "make_editor", "register"]

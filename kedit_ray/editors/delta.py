@@ -4,13 +4,15 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from kedit_ray.io import save_tensors
+from kedit_ray.io import load_tagged, save_tensors
 from kedit_ray.models.hooks import get_module, weight_of
 from kedit_ray.models.weights import set_weight, weight
 
@@ -31,6 +33,65 @@ class Edit(abc.ABC):
             yield self
         finally:
             self.revert(model)
+
+
+class Hooked(Edit):
+    """An edit made of forward hooks, not weights (GRACE's codebook, WISE's side memory, IKE's context). The edits
+    of one class applied at one place (a module, or the model) stack, the last one active: a hook does nothing
+    unless its edit is `stack[-1]`; `suspended(place)` (None on the stack) turns them all off. A subclass names
+    its `place` and registers its `hooks`; `what` names it in errors."""
+
+    what: ClassVar[str] = "edit"
+    _stacks: ClassVar[weakref.WeakKeyDictionary]
+    _handles: list = []
+    _model: nn.Module | None = None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls._stacks = weakref.WeakKeyDictionary()     # place -> the edits applied there, the last one active
+
+    @abc.abstractmethod
+    def place(self, model: nn.Module) -> nn.Module: ...
+
+    @abc.abstractmethod
+    def hooks(self, model: nn.Module, stack: list) -> list:
+        """Register the hooks on `model`; their handles."""
+
+    def reset(self) -> None:
+        """Forget what the hooks cached (after revert)."""
+
+    def apply(self, model: nn.Module) -> Hooked:
+        if self._handles:
+            raise RuntimeError(f"this {self.what} is already applied; revert it first")
+        stack = self._stacks.setdefault(self.place(model), [])
+        stack.append(self)
+        self._handles, self._model = self.hooks(model, stack), model
+        return self
+
+    def revert(self, model: nn.Module) -> None:
+        if not self._handles or self._model is not model:
+            raise RuntimeError(f"this {self.what} is not applied to this model")
+        for h in self._handles:
+            h.remove()
+        self._stacks[self.place(model)].remove(self)
+        self._handles, self._model = [], None
+        self.reset()
+
+    @classmethod
+    def active(cls, place: nn.Module) -> Hooked | None:
+        stack = cls._stacks.get(place)
+        return stack[-1] if stack else None
+
+    @classmethod
+    @contextlib.contextmanager
+    def suspended(cls, place: nn.Module) -> Iterator[None]:
+        """No edit of this class acts at `place` inside (e.g. while an edit trains there)."""
+        stack = cls._stacks.setdefault(place, [])
+        stack.append(None)
+        try:
+            yield
+        finally:
+            stack.remove(None)
 
 
 class Delta(Edit):
@@ -88,14 +149,8 @@ class Delta(Edit):
 
     @classmethod
     def load(cls, path: str | Path) -> Delta:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "kedit_delta" not in meta:
-                raise ValueError(f"{path} is not a kedit delta file (no 'kedit_delta' metadata)")
-            deltas = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(deltas, json.loads(meta["kedit_delta"]))
+        deltas, meta = load_tagged(path, "kedit_delta", "a kedit delta file")
+        return cls(deltas, json.loads(meta))
 
     def check_model(self, model_name: str, fingerprint: str) -> None:
         """Refuse a delta made for another model."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,10 +37,10 @@ from torch import nn
 
 from kedit_ray.defaults import Measured, Rule, defaults_files
 from kedit_ray.editors.contract import Editor, option
-from kedit_ray.editors.delta import Edit
+from kedit_ray.editors.delta import Hooked
 from kedit_ray.editors.toolkit import target_ids, target_loss
 from kedit_ray.errors import SettingError
-from kedit_ray.io import save_tensors
+from kedit_ray.io import load_tagged, save_tensors
 from kedit_ray.models import LM, TraceDict, check_layer, get_module, token_grid
 from kedit_ray.options import fraction, positive, positive_float
 from kedit_ray.requests import EditRequest
@@ -79,12 +78,11 @@ class GraceParams:
         return cls(**d)
 
 
-# module -> adaptors applied to it, last one active
-_STACKS: weakref.WeakKeyDictionary[nn.Module, list[GraceAdaptor]] = weakref.WeakKeyDictionary()
 
-
-class GraceAdaptor(Edit):
+class GraceAdaptor(Hooked):
     """The codebook for one module: keys [N, d_in], values [N, d_out], radii [N], labels (token id lists)."""
+
+    what = "GRACE adaptor"
 
     def __init__(self, module: str, keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor,
                  labels: list[list[int]], replacement: str = "last", meta: dict | None = None):
@@ -97,8 +95,6 @@ class GraceAdaptor(Edit):
         self.labels, self.replacement = [list(y) for y in labels], replacement
         self.meta = {**(meta or {}), "codebook_keys": len(keys)}
         self.meta["checkpoint"] = {"codebook_keys": len(keys)}          # a figure for the sequential summary
-        self._handle = None
-        self._model: nn.Module | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -126,12 +122,10 @@ class GraceAdaptor(Edit):
         return torch.where(hit[..., None], v, out)
 
     # ------------------------------------------------------------ the edit-object interface
-    def apply(self, model: nn.Module) -> GraceAdaptor:
-        if self._handle is not None:
-            raise RuntimeError("this GRACE adaptor is already applied; revert it first")
-        module = get_module(model, self.module)
-        stack = _STACKS.setdefault(module, [])
+    def place(self, model: nn.Module) -> nn.Module:
+        return get_module(model, self.module)
 
+    def hooks(self, model: nn.Module, stack: list) -> list:
         def hook(_m, args, kwargs, out):
             if stack[-1] is not self:                                     # a later adaptor supersedes this one
                 return out
@@ -140,18 +134,7 @@ class GraceAdaptor(Edit):
                 return (self.replace(h, out[0]), *out[1:])
             return self.replace(h, out)
 
-        stack.append(self)
-        self._handle = module.register_forward_hook(hook, with_kwargs=True)
-        self._model = model
-        return self
-
-    def revert(self, model: nn.Module) -> None:
-        if self._handle is None or self._model is not model:
-            raise RuntimeError("this GRACE adaptor is not applied to this model")
-        self._handle.remove()
-        stack = _STACKS[get_module(model, self.module)]
-        stack.remove(self)
-        self._handle = self._model = None
+        return [self.place(model).register_forward_hook(hook, with_kwargs=True)]
 
     def norms(self) -> dict[str, float]:
         return {self.module: self.values.float().norm().item() if len(self) else 0.0}
@@ -168,22 +151,15 @@ class GraceAdaptor(Edit):
 
     @classmethod
     def load(cls, path: str | Path) -> GraceAdaptor:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "kedit_grace" not in meta:
-                raise ValueError(f"{path} is not a GRACE adaptor file (no 'kedit_grace' metadata)")
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        info = json.loads(meta["kedit_grace"])
+        t, info = load_tagged(path, "kedit_grace", "a GRACE adaptor file")
+        info = json.loads(info)
         labels = [[int(x) for x in row if x >= 0] for row in t["labels"]]
         return cls(info["module"], t["keys"], t["values"], t["radii"], labels, info["replacement"], info["meta"])
 
 
 def active_adaptor(model: nn.Module, module: str) -> GraceAdaptor | None:
     """The adaptor currently active on `module`, if any."""
-    stack = _STACKS.get(get_module(model, module))
-    return stack[-1] if stack else None
+    return GraceAdaptor.active(get_module(model, module))
 
 
 def default_layer(lm: LM) -> int:

@@ -37,14 +37,11 @@ is an error naming the number of edits and tokens.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
 import time
-import weakref
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,7 +50,7 @@ from torch import nn
 
 from kedit_ray.defaults import Measured, Rule
 from kedit_ray.editors.contract import Editor, option
-from kedit_ray.editors.delta import Edit
+from kedit_ray.editors.delta import Hooked
 from kedit_ray.editors.toolkit import pad
 from kedit_ray.errors import SettingError
 from kedit_ray.io import write_json
@@ -166,7 +163,7 @@ def mean_hidden(lm: LM, layer: int, texts: list[str]) -> torch.Tensor:
     name = lm.arch.name("layer", layer)
     order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
     out: dict[int, torch.Tensor] = {}
-    with bare(lm.model):
+    with IkeContext.suspended(lm.model):   # texts embedded as the unedited model does
         for s in range(0, len(order), EMBED_ROWS):
             group = order[s:s + EMBED_ROWS]
             x, mask = pad([ids[i] for i in group], lm.tok.pad_token_id, lm.input_device)
@@ -205,26 +202,6 @@ class Hidden:
 
 # ---------------------------------------------------------------- the edit: a context the model reads inputs after
 
-# model -> contexts applied to it, the last one active (None: none active, see `bare`)
-_STACKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def bare(model: nn.Module) -> Iterator[None]:
-    """Run the model with no IKE context active (the hidden retriever embeds texts as the unedited model does)."""
-    stack = _STACKS.setdefault(model, [])
-    stack.append(None)
-    try:
-        yield
-    finally:
-        stack.remove(None)
-
-
-def active_context(model: nn.Module) -> IkeContext | None:
-    stack = _STACKS.get(model)
-    return stack[-1] if stack else None
-
-
 def bos_skip(tok) -> int:
     """1 if the tokenizer starts every text with its BOS token, else 0."""
     ids = tok("a").input_ids
@@ -236,9 +213,12 @@ def insert(x: torch.Tensor, at: torch.Tensor, block: torch.Tensor) -> torch.Tens
     return torch.stack([torch.cat([x[b, :a], block[b], x[b, a:]]) for b, a in enumerate(at.tolist())])
 
 
-class IkeContext(Edit):
+class IkeContext(Hooked):
     """The context's token ids C (with the tokenizer's BOS, if it adds one: `skip` = 1), the names of the modules
-    hooked (the token embedding and the final norm), and the requests whose facts it states."""
+    hooked (the token embedding and the final norm), and the requests whose facts it states. Contexts stack on
+    the model, the last one active."""
+
+    what = "IKE context"
 
     def __init__(self, ids: list[int], skip: int, embed: str, final_norm: str, requests: list[EditRequest],
                  text: str = "", meta: dict | None = None):
@@ -248,8 +228,6 @@ class IkeContext(Edit):
         self.requests, self.text = list(requests), text
         self.meta = {**(meta or {}), "edits": len(requests), "context_tokens": len(ids)}
         self.meta["checkpoint"] = {"context_tokens": len(ids)}     # a figure for the sequential summary
-        self._handles: list = []
-        self._model: nn.Module | None = None
         self._embed: torch.Tensor | None = None                   # per row, where C's embeddings go in
         self._drop: tuple[torch.Tensor, int] | None = None        # (first column, n) to drop at the final norm
 
@@ -313,11 +291,10 @@ class IkeContext(Edit):
         return h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
 
     # ------------------------------------------------------------ the edit-object interface
-    def apply(self, model: nn.Module) -> IkeContext:
-        if self._handles:
-            raise RuntimeError("this IKE context is already applied; revert it first")
-        stack = _STACKS.setdefault(model, [])
+    def place(self, model: nn.Module) -> nn.Module:
+        return model
 
+    def hooks(self, model: nn.Module, stack: list) -> list:
         def pre(_m, args, kwargs):
             self._drop = self._embed = None
             if stack[-1] is not self:                              # a later context supersedes this one
@@ -330,20 +307,12 @@ class IkeContext(Edit):
         def post(_m, _args, out):
             return self.cut(out) if self._drop is not None else None
 
-        stack.append(self)
-        self._handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                         get_module(model, self.embed).register_forward_hook(embedded),
-                         get_module(model, self.final_norm).register_forward_hook(post)]
-        self._model = model
-        return self
+        return [model.register_forward_pre_hook(pre, with_kwargs=True),
+                get_module(model, self.embed).register_forward_hook(embedded),
+                get_module(model, self.final_norm).register_forward_hook(post)]
 
-    def revert(self, model: nn.Module) -> None:
-        if not self._handles or self._model is not model:
-            raise RuntimeError("this IKE context is not applied to this model")
-        for h in self._handles:
-            h.remove()
-        _STACKS[model].remove(self)
-        self._handles, self._model, self._drop, self._embed = [], None, None, None
+    def reset(self) -> None:
+        self._drop = self._embed = None
 
     def norms(self) -> dict[str, float]:
         return {}                                                  # no weight changes
@@ -424,7 +393,7 @@ class Ike(Editor):
     def edit(self, lm: LM, request: EditRequest) -> IkeContext:
         """A new context: the active one's facts (if any) and this request's, with demonstrations for them all."""
         t0 = time.perf_counter()
-        cur = active_context(lm.model)
+        cur = IkeContext.active(lm.model)
         requests = [*(cur.requests if cur is not None else []), request]
         demos = self.retrieve(lm, requests)
         text = "".join(t for t, _ in demos) + "".join(f"New Fact: {fact(r)}\n" for r in requests)

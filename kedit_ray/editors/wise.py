@@ -45,12 +45,9 @@ adaptor: the merged Δ (shared by the adaptors until the next merge) and the cur
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-import weakref
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -59,9 +56,9 @@ from torch import nn
 
 from kedit_ray.defaults import Measured, Rule
 from kedit_ray.editors.contract import Editor, option
-from kedit_ray.editors.delta import Edit
+from kedit_ray.editors.delta import Hooked
 from kedit_ray.editors.toolkit import context_prefixes, pad, target_ids, target_loss
-from kedit_ray.io import save_tensors
+from kedit_ray.io import load_tagged, save_tensors
 from kedit_ray.models import LM, TraceDict, check_layer, get_module, token_grid, weight_of
 from kedit_ray.options import count, fraction, positive, positive_float
 from kedit_ray.requests import EditRequest
@@ -217,10 +214,6 @@ class Memory:
 
 # ---------------------------------------------------------------- the adaptor
 
-# module -> adaptors applied to it, the last one active (None: routing suspended while an edit trains)
-_STACKS: weakref.WeakKeyDictionary[nn.Module, list[WiseAdaptor | None]] = weakref.WeakKeyDictionary()
-
-
 def _call_of(args: tuple, kwargs: dict) -> tuple[int, int, torch.Tensor | None, int]:
     """A model call's rows and new positions, which of those are real (not padding; None: all), and how many
     positions of each row earlier calls saw (a KV cache)."""
@@ -235,15 +228,15 @@ def _call_of(args: tuple, kwargs: dict) -> tuple[int, int, torch.Tensor | None, 
     return b, t, None, cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
 
 
-class WiseAdaptor(Edit):
+class WiseAdaptor(Hooked):
     """The side memory of one module, routed by the activation score against the threshold `eps`."""
+
+    what = "WISE adaptor"
 
     def __init__(self, module: str, memory: Memory, eps: float, density: float, meta: dict | None = None):
         self.module, self.memory, self.eps, self.density = module, memory, eps, density
         self.meta = {**(meta or {}), "threshold": eps, "side_edits": memory.edits}
         self.meta["checkpoint"] = {"side_edits": memory.edits, "merges": memory.shard, "threshold": eps}
-        self._handles: list = []
-        self._model: nn.Module | None = None
         self._side: torch.Tensor | None = None            # Δ of the side memory, built when first needed
         self._call = None                                 # the model call under way (_call_of)
         self._run: tuple[torch.Tensor, torch.Tensor] | None = None   # per row: Σ ‖Δ a_t‖ and positions so far
@@ -277,40 +270,30 @@ class WiseAdaptor(Edit):
         return torch.where(rows[..., None], (out.to(wide) + y.reshape(out.shape)).to(out.dtype), out)
 
     # ------------------------------------------------------------ the edit-object interface
-    def apply(self, model: nn.Module) -> WiseAdaptor:
-        if self._handles:
-            raise RuntimeError("this WISE adaptor is already applied; revert it first")
-        module = get_module(model, self.module)
-        stack = _STACKS.setdefault(module, [])
+    def place(self, model: nn.Module) -> nn.Module:
+        return get_module(model, self.module)
 
+    def hooks(self, model: nn.Module, stack: list) -> list:
         def begin(_m, args, kwargs):
-            self._call = _call_of(args, kwargs) if stack and stack[-1] is self else None
+            self._call = _call_of(args, kwargs) if stack[-1] is self else None
 
         def end(_m, _args, _kwargs, _out):
             self._call = None
 
         def hook(_m, args, kwargs, out):
-            if not stack or stack[-1] is not self:                        # superseded, or an edit is training
+            if stack[-1] is not self:                                     # superseded, or an edit is training
                 return out
             return self.route(args[0] if args else next(iter(kwargs.values())), out)
 
-        for other in stack:                                               # superseded: free their dense Δ
+        for other in stack[:-1]:                                          # superseded: free their dense Δ
             if other is not None:
                 other._side = None
-        stack.append(self)
-        self._handles = [model.register_forward_pre_hook(begin, with_kwargs=True),
-                         model.register_forward_hook(end, with_kwargs=True, always_call=True),
-                         module.register_forward_hook(hook, with_kwargs=True)]
-        self._model = model
-        return self
+        return [model.register_forward_pre_hook(begin, with_kwargs=True),
+                model.register_forward_hook(end, with_kwargs=True, always_call=True),
+                self.place(model).register_forward_hook(hook, with_kwargs=True)]
 
-    def revert(self, model: nn.Module) -> None:
-        if not self._handles or self._model is not model:
-            raise RuntimeError("this WISE adaptor is not applied to this model")
-        for h in self._handles:
-            h.remove()
-        _STACKS[get_module(model, self.module)].remove(self)
-        self._handles, self._model, self._side, self._call, self._run = [], None, None, None, None
+    def reset(self) -> None:
+        self._side, self._call, self._run = None, None, None
 
     def norms(self) -> dict[str, float]:
         return {self.module: self.side().norm().item()}
@@ -330,32 +313,14 @@ class WiseAdaptor(Edit):
 
     @classmethod
     def load(cls, path: str | Path) -> WiseAdaptor:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "kedit_wise" not in meta:
-                raise ValueError(f"{path} is not a WISE adaptor file (no 'kedit_wise' metadata)")
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        info = json.loads(meta["kedit_wise"])
+        t, info = load_tagged(path, "kedit_wise", "a WISE adaptor file")
+        info = json.loads(info)
         return cls(info["module"], Memory.of(t), float(info["eps"]), float(info["density"]), info["meta"])
 
 
 def active_adaptor(model: nn.Module, module: str) -> WiseAdaptor | None:
     """The WISE adaptor currently active on `module`, if any."""
-    stack = _STACKS.get(get_module(model, module))
-    return stack[-1] if stack else None
-
-
-@contextlib.contextmanager
-def suspended(module: nn.Module) -> Iterator[None]:
-    """No adaptor routes `module` inside (an edit trains its side memory there)."""
-    stack = _STACKS.setdefault(module, [])
-    stack.append(None)
-    try:
-        yield
-    finally:
-        stack.pop()
+    return WiseAdaptor.active(get_module(model, module))
 
 
 # ---------------------------------------------------------------- the editor
@@ -379,7 +344,7 @@ def inputs_at(lm: LM, name: str, texts: list[str]) -> tuple[torch.Tensor, torch.
     """The inputs a_t of module `name` for `texts` [K, T, d_in] (float32, no adaptor routing) and which positions
     are real [K, T]."""
     ids, mask = pad([lm.tok(t).input_ids for t in texts], lm.tok.pad_token_id, lm.input_device)
-    with torch.no_grad(), suspended(get_module(lm.model, name)), \
+    with torch.no_grad(), WiseAdaptor.suspended(get_module(lm.model, name)), \
             TraceDict(lm.model, [name], retain_input=True, stop=True) as tr:
         lm.model(input_ids=ids, attention_mask=mask)
     return token_grid(tr[name].input, ids).float(), mask.float()
@@ -425,7 +390,7 @@ class Wise(Editor):
         [K, T], once per model and module."""
         key = (id(lm.model), name)
         if key not in self._irrelevant:
-            with suspended(get_module(lm.model, name)):
+            with WiseAdaptor.suspended(get_module(lm.model, name)):
                 texts = generated(lm, self.hp.n_irrelevant, IRRELEVANT_LEN, self.hp.seed)
             self._irrelevant[key] = inputs_at(lm, name, texts)
         return self._irrelevant[key]
@@ -457,7 +422,7 @@ class Wise(Editor):
         others = [self.irrelevant(lm, name)]                              # irrelevant inputs: (a_t, real)
         if request.neighborhood_prompts:               # and the request's unrelated prompts (the reference's loc)
             others.append(inputs_at(lm, name, request.neighborhood_prompts))
-        with torch.no_grad(), suspended(module), \
+        with torch.no_grad(), WiseAdaptor.suspended(module), \
                 TraceDict(lm.model, [block, name], retain_input=True, stop=True) as tr:
             lm.model(input_ids=ids, attention_mask=mask)
         cached, a_e, real_e = tr[block].input, token_grid(tr[name].input, ids).float(), mask.float()
@@ -483,7 +448,7 @@ class Wise(Editor):
             return (out.to(wide) + a.to(wide) @ delta.to(wide).T).to(out.dtype)
 
         nll, passes, joint, since = math.inf, 0, True, 0
-        with suspended(module):
+        with WiseAdaptor.suspended(module):
             handle = module.register_forward_hook(side, with_kwargs=True)
             try:
                 for steps in range(hp.steps + 1):                         # steps: the updates made so far

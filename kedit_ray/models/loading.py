@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import gc
 import hashlib
 import importlib.util
 import json
@@ -303,7 +305,21 @@ def wrap(model: nn.Module, tok, name: str, templates: dict[str, str] | None = No
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
+    slim(tok)
     return LM(model, tok, detect_arch(model, templates), name, fingerprint(model, source), source)
+
+
+def slim(tok) -> None:
+    """Drop the Python copies of the vocabulary and merges that a transformers 5 tokenizer keeps after building its
+    Rust tokenizer from them (nothing reads them after): 185 MB a process for gemma-3's 262,144 words; then give
+    the freed heap back to the system (glibc's malloc_trim), so that each worker of a node holds less."""
+    if hasattr(tok, "_tokenizer"):
+        for name in ("_vocab", "_merges"):
+            if isinstance(getattr(tok, name, None), (dict, list)):
+                setattr(tok, name, None)
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):   # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def check_model(name: str) -> str:
