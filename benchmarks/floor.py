@@ -210,21 +210,38 @@ class Counts:
         f = self.s.f
         return {f"LU of C ({f}²)": Part(2 / 3 * f ** 3 + 2 * f ** 2, 8 * f ** 2, "float64", None)}
 
-    def scoring(self, req) -> dict[str, Part]:
-        """counterfact_many: the rows forced_reads plans for the case's (prompt, target) pairs, the head once per
-        position read."""
-        from kedit_ray.editors.toolkit import target_ids
-        from kedit_ray.eval.counterfact import pairs
+    def scoring(self, prompts: list[str], targets: list[list[int]]) -> dict[str, Part]:
+        """forced_reads: the rows it plans for the (prompt, target ids) pairs, the head once per position read."""
         from kedit_ray.eval.forced import plan_rows
 
-        ps = pairs(req)
-        ctxs = self.lm.tok([p for p, _, _ in ps for _ in (0, 1)]).input_ids
-        tgts = [target_ids(self.lm, t) for _, a, b in ps for t in (a, b)]
-        plan, row_of = plan_rows(ctxs, tgts)
-        reads = len({(r, len(ctx) - 1 + j) for ctx, tgt, r in zip(ctxs, tgts, row_of) for j in range(len(tgt))})
+        ctxs = self.lm.tok(prompts).input_ids
+        plan, row_of = plan_rows(ctxs, targets)
+        reads = len({(r, len(ctx) - 1 + j) for ctx, tgt, r in zip(ctxs, targets, row_of) for j in range(len(tgt))})
         return {f"body: {len(plan)} rows, {sum(map(len, plan))} tokens": body(self.s, list(map(len, plan)),
                                                                            self.s.layers, self.dt),
                 f"head at {reads} positions": head(self.s, reads, self.dt)}
+
+    def counterfact(self, req) -> dict[str, Part]:
+        """counterfact_many's pairs: each prompt with o* and with o."""
+        from kedit_ray.editors.toolkit import target_ids
+        from kedit_ray.eval.counterfact import pairs
+
+        ps = pairs(req)
+        return self.scoring([p for p, _, _ in ps for _ in (0, 1)],
+                            [target_ids(self.lm, t) for _, a, b in ps for t in (a, b)])
+
+    def zsre(self, req) -> dict[str, Part]:
+        """zsre_many's pairs: the question and its paraphrases with o*, the portability questions with their
+        answers, the loc question (with "?") with its answer."""
+        from kedit_ray.editors.toolkit import target_ids
+        from kedit_ray.eval.zsre import loc_prompt
+
+        new = target_ids(self.lm, req.target_new)
+        pairs = [(p, new) for p in [req.text, *req.paraphrase_prompts]]
+        pairs += [(p, target_ids(self.lm, a)) for p, a in zip(req.portability_prompts, req.portability_answers)]
+        pairs += [(loc_prompt(p), target_ids(self.lm, a)) for p, a in zip(req.neighborhood_prompts,
+                                                                          req.neighborhood_answers)]
+        return self.scoring([p for p, _ in pairs], [t for _, t in pairs])
 
 
 def edit_rows(table: Table, n: Counts, cases: list, repeats: int) -> None:
@@ -265,7 +282,20 @@ def edit_rows(table: Table, n: Counts, cases: list, repeats: int) -> None:
         keys = n.keys(case, z_layer, z_prefixes) if memit.params(lm).z_module == "mlp_out" else {}
         table.add("memit: z for one request", z_s, {**keys, **n.values(case, z_layer, z_prefixes, z["v_steps"])})
         seconds = timed(lambda: scorer(lm, case), repeats)
-        table.add("scoring: one CounterFact case", statistics.median(seconds), n.scoring(case))
+        table.add("scoring: one CounterFact case", statistics.median(seconds), n.counterfact(case))
+
+
+def zsre_row(table: Table, n: Counts, cases_n: int, repeats: int) -> None:
+    """Scoring one zsRE case (with its portability question) after an edit: the unedited model's scores as `pre`."""
+    from kedit_ray.datasets import load_requests
+    from kedit_ray.eval import Scorer
+
+    scorer = Scorer("zsre")
+    cases, _ = load_requests(str(DATA / "zsre_portability.json"), "zsre", limit=cases_n)
+    for case in cases:
+        pre = scorer(n.lm, case)
+        seconds = timed(lambda: scorer(n.lm, case, pre), repeats)
+        table.add("scoring: one zsRE case", statistics.median(seconds), n.zsre(case))
 
 
 def stats_row(table: Table, n: Counts, layer: int, docs: int) -> None:
@@ -338,6 +368,7 @@ def main() -> None:
     n, table = Counts(lm, Shape.of(lm), args.dtype), Table()
     cases, _ = load_requests(str(DATA / "counterfact-edit.json"), "counterfact", limit=cases_n)
     edit_rows(table, n, cases, repeats)
+    zsre_row(table, n, cases_n, repeats)
     stats_row(table, n, default_layer(lm), docs)
     trace_row(table, n, samples)
 
