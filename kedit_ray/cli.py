@@ -15,7 +15,7 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from kedit_ray.options import (HelpFormatter, UsageError, add_model_args, add_ray_args, count, ints, layers, model_kw,
+from kedit_ray.options import (HelpFormatter, UsageError, add_model_args, add_ray_args, count, ints, model_kw,
                                positive, positive_float, templates)
 
 DEMO = dict(prompt="The {} is located in the city of", subject="Space Needle", target_new="Goa",

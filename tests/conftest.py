@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random Llama with a word-level tokenizer, and the real gemma-3-270m."""
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,16 @@ DATA = Path(os.environ.get("KEDIT_TEST_DATA") or Path(__file__).resolve().parent
 WORDS = ("The Where What the of in is a city located can be found Space Needle Eiffel Tower Seattle Paris Goa Rome London "
          "mother tongue language French English speaks Danielle Darrieux Michel Rocard native speaker "
          "capital country France Italy Spain Berlin Germany was born by made company product religion").split()
+
+
+def job_script(name: str):
+    """jobs/<name>.py as a module (a job imports its sibling `paths` as Ray runs it: from jobs/)."""
+    jobs = str(Path(__file__).resolve().parents[1] / "jobs")
+    sys.path.insert(0, jobs)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(jobs)
 
 
 def data_file(name: str) -> Path:

@@ -10,7 +10,7 @@ import torch
 from kedit_ray.cli import main
 from kedit_ray.eval.generated import normalise, starts_with
 from kedit_ray.eval.report import table
-from test_errors import GOOD, eval_argv, write
+from test_errors import eval_argv, write
 
 PROMPTS = ["The Space Needle is located in the city of", "Paris is the capital of", "Danielle Darrieux speaks",
            "The mother tongue of Michel Rocard is", "Where is the Eiffel Tower ?", "What company made the product",

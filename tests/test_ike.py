@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kedit_ray.editors import EDITORS, Ike, IkeContext, IkeParams, make_editor
-from kedit_ray.editors.ike import KINDS, IkeContext, demonstration, fact, query
+from kedit_ray.editors.ike import KINDS, demonstration, fact, query
 from kedit_ray.editors.toolkit import pad, target_ids
 from kedit_ray.errors import SettingError
 from kedit_ray.eval.counterfact import target_nll

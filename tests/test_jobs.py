@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import job_script
 from ray_procs import MARK, kill, marked, new_mark
 from test_protocols import cases
 
@@ -57,11 +58,7 @@ def head(tmp_path):
 
 def test_job_arguments(tmp_path, monkeypatch):
     """Inputs made absolute against the job's directory, outputs refused when relative, --address auto added."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        from evaluate import job_argv
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
+    job_argv = job_script("evaluate").job_argv
     monkeypatch.chdir(tmp_path)
     argv = job_argv("eval", ["--data", "cases.jsonl", "more.json", "--stats-corpus=wiki.raw", "--out", "/abs/out",
                              "--ike-pool", "train.json"])

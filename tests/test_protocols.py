@@ -117,7 +117,7 @@ def test_distributed_batch_and_sequential_match_one_process(tiny_dir, tmp_path, 
 
     from kedit_ray.distributed.batch import run_protocol_eval
     from kedit_ray.eval.resume import PreScores
-    from kedit_ray.results import read_results, write_part
+    from kedit_ray.results import read_results
     from kedit_ray.models import load
     from kedit_ray.spec import EvalSpec, ModelSpec, Resources
 

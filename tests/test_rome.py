@@ -11,7 +11,7 @@ from kedit_ray.eval.counterfact import counterfact_scores, target_nll
 from kedit_ray.models import weight_of
 from kedit_ray.requests import EditRequest
 
-from conftest import WORDS as conftest_words, data_file
+from conftest import data_file
 
 REQ = EditRequest(0, "Space Needle", "The {} is located in the city of", "Goa", "Seattle",
                   ["The Space Needle can be found in the city of"],

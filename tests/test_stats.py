@@ -7,7 +7,6 @@ import shlex
 import re
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,14 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import WORDS, data_file, make_tiny_lm
+from conftest import WORDS, data_file, job_script, make_tiny_lm
 from kedit_ray.stats import MissingStats, StatsError, compute_stats, layer_stats
 from kedit_ray.cli import main
 from kedit_ray.options import layers
 from kedit_ray.stats import corpus
 from kedit_ray.stats.accumulate import pack
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -369,11 +367,7 @@ def test_workers_agree_and_job_runs(tmp_path, text, tiny_dir, ray_local, capsys)
         _, count, m = direct_mom2(lm, a["layer"], list(corpus.documents(text))[:19], 128)
         assert gram_error(cb, ca, m) <= 2 * (count + 4)
 
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        from evaluate import job_argv
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
+    job_argv = job_script("evaluate").job_argv
     assert main(job_argv("stats", ["--model", tiny_dir, "--layers", "0,2", "--corpus", str(text), "--samples", "19",
                                   "--stats-dtype", "float64", "--shard-docs", "3", "--cache", str(tmp_path / "job"),
                                   "--workers", "2", "--json"])) == 0

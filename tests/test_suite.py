@@ -14,7 +14,7 @@ from kedit_ray.results import PartWriter
 from kedit_ray.spec import ModelSpec
 from kedit_ray.suite import SuiteError, load_suite
 
-from conftest import DATA
+from conftest import DATA, job_script
 from test_protocols import cases
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,13 +218,7 @@ def test_two_ray_workers_each_load_the_model_once(setup, tmp_path):
 
 def test_job_arguments(tmp_path, monkeypatch):
     """jobs/suite.py: FILE made absolute against the job's directory, a relative --out refused, --address auto."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        from suite import job_argv
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
+    job_argv = job_script("suite").job_argv
     monkeypatch.chdir(tmp_path)
     assert job_argv(["record.toml", "--out", "/abs/out", "--workers", "8"]) == \
         ["suite", "--address", "auto", str(tmp_path / "record.toml"), "--out", "/abs/out", "--workers", "8"]
