@@ -9,7 +9,6 @@ docstrings).
 from __future__ import annotations
 
 import argparse
-import ast
 import inspect
 import re
 import sys
@@ -227,34 +226,9 @@ def _describe(name: str, helps: dict[str, str]) -> str:
     return ""
 
 
-def _finish_keys() -> list[str]:
-    """The keys `kedit eval` adds to the aggregates when it writes summary.json: those of `finish`'s
-    `summary.update(...)`, and the keywords its callers pass (a `**name` read from the dict literals assigned to
-    that name in the caller)."""
-    from kedit_ray.distributed import batch, driver
-
-    keys: list[str] = []
-    for module in (driver, batch):
-        for fn in ast.walk(ast.parse(inspect.getsource(module))):
-            if not isinstance(fn, ast.FunctionDef):
-                continue
-            dicts = {t.id: [k.value for d in ast.walk(node.value) if isinstance(d, ast.Dict)
-                            for k in d.keys if isinstance(k, ast.Constant)]
-                     for node in ast.walk(fn) if isinstance(node, ast.Assign) for t in node.targets
-                     if isinstance(t, ast.Name)}
-            for call in ast.walk(fn):
-                if not isinstance(call, ast.Call):
-                    continue
-                f = call.func
-                if (isinstance(f, ast.Name) and f.id == "finish") or (
-                        fn.name == "finish" and isinstance(f, ast.Attribute) and f.attr == "update"):
-                    for kw in call.keywords:
-                        keys += [kw.arg] if kw.arg else dicts.get(getattr(kw.value, "id", ""), [])
-    return list(dict.fromkeys(keys))
-
-
 def _summary_fields() -> tuple[list[str], list[str]]:
     """(top-level summary fields, the extra fields of each checkpoint), from summaries of made-up rows."""
+    from kedit_ray.distributed.driver import RUN_FIELDS
     from kedit_ray.eval.summary import summarize
     from kedit_ray.results import CONTRACT, KNOWN
 
@@ -265,7 +239,7 @@ def _summary_fields() -> tuple[list[str], list[str]]:
                                                                              "role": "held_out"}]
     per = summarize(rows)["checkpoints"]["1"]
     extra = [("ckpt_*" if k.startswith("ckpt_") else k) for k in per if k not in single]
-    return list(dict.fromkeys([*single, *_finish_keys(), "checkpoints"])), extra
+    return list(dict.fromkeys([*single, *RUN_FIELDS, "checkpoints"])), extra
 
 
 def _field_table(names: list[str], types: dict[str, str] | None, helps: dict[str, str]) -> str:

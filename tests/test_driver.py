@@ -218,3 +218,15 @@ def test_ray_address_puts_even_one_worker_on_the_cluster(tmp_path, ray_up, monke
     run_eval(spec(workers=1), requests(2), tmp_path, progress=False)
     workers = {r["worker"] for r in read_results(tmp_path).to_pylist()}
     assert len(workers) == 1 and workers.pop().rsplit(":", 1)[1] != str(os.getpid())   # an actor, not this process
+
+
+def test_summary_fields_are_declared(tmp_path):
+    """finish writes the declared run fields (docs/reference/results.md lists RUN_FIELDS) and refuses others."""
+    from kedit_ray.distributed.driver import RUN_FIELDS, finish
+
+    with PartWriter(tmp_path) as w:
+        w.add({"case_id": 0, "method": "m", "model": "x", "worker": "w", "efficacy_score": 1.0, "error": None})
+    summary = finish(tmp_path, requests(1), 0.0, workers=1)
+    assert {"wall_seconds", "requested", "complete", "workers"} <= set(summary) and "workers" in RUN_FIELDS
+    with pytest.raises(ValueError, match=r"\['wokers'\] are not in RUN_FIELDS"):
+        finish(tmp_path, requests(1), 0.0, wokers=1)

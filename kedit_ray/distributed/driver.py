@@ -92,8 +92,16 @@ def prepare(spec: EvalSpec, requests: list[EditRequest], out: Path) -> None:
     check_config(out, spec.to_json(), RUN_ONLY, EvalSpec.from_json)
 
 
+# what `finish` adds to the aggregates in summary.json (docs/reference/results.md describes each)
+RUN_FIELDS = ("wall_seconds", "requested", "complete", "workers", "protocol", "batch_size", "timings", "stopped_at",
+              "checkpoint_sample", "checkpoint_log")
+
+
 def finish(out: Path, requests: list[EditRequest], start: float, dataset: str | None = None, **extra) -> dict:
-    """Compact the parts, write and return summary.json: the aggregates, `requested` cases, `complete`."""
+    """Compact the parts, write and return summary.json: the aggregates, `requested` cases, `complete`, and
+    `extra`, whose keys must be RUN_FIELDS'."""
+    if unknown := set(extra) - set(RUN_FIELDS):
+        raise ValueError(f"summary fields {sorted(unknown)} are not in RUN_FIELDS")
     compact(out)
     table = read_results(out)
     summary = summarize(table) if dataset is None else summarize(table, dataset)
