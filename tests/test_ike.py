@@ -300,3 +300,12 @@ def test_ike_20_counterfact_cases_on_gemma(gemma):
     figures = summarize(rows, "counterfact")
     print({k: figures.get(k) for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")})
     assert figures["efficacy_score"] >= 0.85 and figures["paraphrase_score"] >= 0.7
+
+
+def test_a_context_that_cannot_hook_its_modules_is_not_left_applied(tiny_lm):
+    ctx = IkeContext([1, 5, 9], 1, "model.no_such_embedding", tiny_lm.arch.final_norm, [])
+    with pytest.raises(Exception, match="no_such_embedding"):
+        ctx.apply(tiny_lm.model)
+    assert IkeContext.active(tiny_lm.model) is None
+    with pytest.raises(RuntimeError, match="not applied"):
+        ctx.revert(tiny_lm.model)

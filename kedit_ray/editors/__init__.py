@@ -56,7 +56,6 @@ def make_editor(method: str, params: dict | None = None):
 
 
 __all__ = ["AlphaEdit", "AlphaEditParams", "Delta", "EDITORS", "Edit", "Editor", "Emmet", "EmmetParams", "FT",
-           "FTParams", "FTLParams", "Grace", "GraceAdaptor", "GraceParams", "Hooked", "Ike", "IkeContext", "IkeParams", "KE",
-           "LearnedParams", "LoRA", "LoRAParams",
-           "MEND", "Memit", "MemitParams", "Rome", "RomeParams", "UltraEdit", "UltraEditParams", "Wise",
-           "WiseAdaptor", "WiseParams", "make_editor", "register"]
+           "FTParams", "FTLParams", "Grace", "GraceAdaptor", "GraceParams", "Hooked", "Ike", "IkeContext", "IkeParams",
+           "KE", "LearnedParams", "LoRA", "LoRAParams", "MEND", "Memit", "MemitParams", "Rome", "RomeParams",
+           "UltraEdit", "UltraEditParams", "Wise", "WiseAdaptor", "WiseParams", "make_editor", "register"]

@@ -43,7 +43,7 @@ class Hooked(Edit):
 
     what: ClassVar[str] = "edit"
     _stacks: ClassVar[weakref.WeakKeyDictionary]
-    _handles: list = []
+    _handles: tuple = ()                          # the registered hooks' handles while applied
     _model: nn.Module | None = None
 
     def __init_subclass__(cls, **kw):
@@ -65,7 +65,11 @@ class Hooked(Edit):
             raise RuntimeError(f"this {self.what} is already applied; revert it first")
         stack = self._stacks.setdefault(self.place(model), [])
         stack.append(self)
-        self._handles, self._model = self.hooks(model, stack), model
+        try:
+            self._handles, self._model = tuple(self.hooks(model, stack)), model
+        except BaseException:                         # e.g. a module it hooks is missing: nothing applied
+            stack.remove(self)
+            raise
         return self
 
     def revert(self, model: nn.Module) -> None:
@@ -74,7 +78,7 @@ class Hooked(Edit):
         for h in self._handles:
             h.remove()
         self._stacks[self.place(model)].remove(self)
-        self._handles, self._model = [], None
+        self._handles, self._model = (), None
         self.reset()
 
     @classmethod

@@ -78,7 +78,6 @@ class GraceParams:
         return cls(**d)
 
 
-
 class GraceAdaptor(Hooked):
     """The codebook for one module: keys [N, d_in], values [N, d_out], radii [N], labels (token id lists)."""
 
