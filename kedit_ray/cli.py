@@ -411,6 +411,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     pool = ["--workers", str(args.workers), "--gpus-per-worker", str(args.gpus_per_worker)]
     pool += ["--cpus-per-worker", str(args.cpus_per_worker)] if args.cpus_per_worker is not None else []
     pool += ["--address", args.address] if args.address else []
+    pool += ["--share-weights"] if args.share_weights else []
     return run_suite(args.file, args.out, pool)
 
 

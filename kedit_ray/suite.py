@@ -31,7 +31,8 @@ RUN_FIELDS = ("name", "editor", "data", "dataset", "protocol", "limit", "model",
 TOP_FIELDS = ("run", "model", "options")
 # eval options the suite sets itself: a run's fields, DIR/<name>, and the pool (the suite's command line)
 OWN_FLAGS = ("--method", "--model", "--data", "--dataset", "--protocol", "--limit", "--out", "--workers",
-             "--cpus-per-worker", "--gpus-per-worker", "--address", "--debug", "--help")
+             "--cpus-per-worker", "--gpus-per-worker", "--address", "--share-weights", "--no-share-weights",
+             "--debug", "--help")
 INPUTS = ("editor_checkpoint", "stats_corpus", "ike_pool")   # options naming files, read from the current directory
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 

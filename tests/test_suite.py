@@ -158,6 +158,8 @@ GOOD = '[[run]]\nname = "a"\neditor = "rome"\ndata = "{data}"\n'
      ["run 2 'b'", "options.no_such", "no option --no-such"]),
     ('name = "b"\neditor = "rome"\ndata = "{data}"\noptions = {{ workers = 3 }}',
      ["run 2 'b'", "options.workers", "set by the suite"]),
+    ('name = "b"\neditor = "rome"\ndata = "{data}"\noptions = {{ share_weights = true }}',
+     ["run 2 'b'", "options.share_weights", "set by the suite"]),
     ('name = "a"\neditor = "ft"\ndata = "{data}"', ["run 2 'a'", "name", "earlier run"]),
     ('name = "b"\neditor = "rome"\ndata = "absent.json"', ["run 2 'b'", "data", "absent.json does not exist"]),
     ('name = "b"\neditor = "ke"\ndata = "{data}"\noptions = {{ editor_checkpoint = "runs/none" }}',
@@ -170,6 +172,16 @@ def test_bad_suites_name_file_run_and_field(tmp_path, run, words):
     assert message.startswith(f"{tmp_path / 'bad.toml'}: "), message
     for w in words:
         assert w in message, (w, message)
+
+
+def test_the_pool_options_reach_every_run(tmp_path, monkeypatch):
+    """`kedit suite`'s pool options, --share-weights included, are the ones each run's `kedit eval` gets."""
+    import kedit_ray.suite
+
+    got = []
+    monkeypatch.setattr(kedit_ray.suite, "run_suite", lambda file, out, pool: got.append(pool) or 0)
+    assert main(["suite", "s.toml", "--out", str(tmp_path), "--workers", "4", "--share-weights"]) == 0
+    assert got == [["--workers", "4", "--gpus-per-worker", "0", "--share-weights"]]
 
 
 def test_not_toml_and_no_runs(tmp_path, capsys):
