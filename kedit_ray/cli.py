@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from kedit_ray.options import (HelpFormatter, UsageError, add_model_args, add_ray_args, count, ints, model_kw,
-                               positive, positive_float, templates)
+                               positive, positive_float, ray_argv, templates)
 
 DEMO = dict(prompt="The {} is located in the city of", subject="Space Needle", target_new="Goa",
             target_true="Seattle", paraphrase=["The Space Needle can be found in the city of"],
@@ -408,11 +408,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_suite(args: argparse.Namespace) -> int:
     from kedit_ray.suite import run_suite
 
-    pool = ["--workers", str(args.workers), "--gpus-per-worker", str(args.gpus_per_worker)]
-    pool += ["--cpus-per-worker", str(args.cpus_per_worker)] if args.cpus_per_worker is not None else []
-    pool += ["--address", args.address] if args.address else []
-    pool += ["--share-weights"] if args.share_weights else []
-    return run_suite(args.file, args.out, pool)
+    return run_suite(args.file, args.out, ray_argv(args))
 
 
 # ---------------------------------------------------------------- defaults

@@ -138,3 +138,26 @@ def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
                         "bfloat16), each keeping private copies only of the weights it edits; a load that maps the "
                         "checkpoint (float32 here) shares it already, through the page cache (default: off; the "
                         "check costs a load at pool start)")
+
+
+def _ray_actions() -> list[argparse.Action]:
+    p = argparse.ArgumentParser(add_help=False)
+    add_ray_args(p, "")
+    return p._actions
+
+
+def ray_flags() -> tuple[str, ...]:
+    """Every flag `add_ray_args` adds."""
+    return tuple(s for a in _ray_actions() for s in a.option_strings)
+
+
+def ray_argv(args: argparse.Namespace) -> list[str]:
+    """`args`' `add_ray_args` options as a command line again (the pool that `kedit suite` hands to each run)."""
+    argv = []
+    for a in _ray_actions():
+        value = getattr(args, a.dest)
+        if isinstance(a, argparse.BooleanOptionalAction):
+            argv.append(a.option_strings[0 if value else 1])
+        elif value is not None:
+            argv += [a.option_strings[0], str(value)]
+    return argv

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from kedit_ray.eval.summary import CORE
@@ -182,6 +181,8 @@ def read_results(out: str | Path, columns: list[str] | None = None) -> pa.Table:
     files = scan(out)
     if not files:
         return CONTRACT.empty_table() if columns is None else CONTRACT.empty_table().select(columns)
+    import pyarrow.dataset as ds   # here, not at the top: it imports pandas (~35 MB in every worker process)
+
     schema = _unify(pq.read_schema(f) for f in files)
     return ds.dataset([str(f) for f in files], schema=schema, format="parquet").to_table(columns=columns)
 

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kedit_ray.io import file_sha256, write_json
+from kedit_ray.options import ray_flags
 
 RUN_FIELDS = ("name", "editor", "data", "dataset", "protocol", "limit", "model", "options")
 TOP_FIELDS = ("run", "model", "options")
 # eval options the suite sets itself: a run's fields, DIR/<name>, and the pool (the suite's command line)
-OWN_FLAGS = ("--method", "--model", "--data", "--dataset", "--protocol", "--limit", "--out", "--workers",
-             "--cpus-per-worker", "--gpus-per-worker", "--address", "--share-weights", "--no-share-weights",
-             "--debug", "--help")
+OWN_FLAGS = ("--method", "--model", "--data", "--dataset", "--protocol", "--limit", "--out", "--debug", "--help",
+             *ray_flags())
 INPUTS = ("editor_checkpoint", "stats_corpus", "ike_pool")   # options naming files, read from the current directory
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 

@@ -221,3 +221,16 @@ def test_a_loaded_tokenizer_keeps_no_python_copy_of_its_vocabulary():
     with tempfile.TemporaryDirectory() as d:
         slimmed.save_pretrained(d)
         assert AutoTokenizer.from_pretrained(d)(text).input_ids == plain(text).input_ids
+
+
+def test_a_worker_imports_no_pandas():
+    """What every worker process holds whatever it shares: the worker modules leave pandas (pyarrow.dataset's, ~35 MB
+    a process) to the driver, which reads results."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kedit_ray.distributed.batch, kedit_ray.distributed.suite, kedit_ray.distributed.stats, "
+            "kedit_ray.distributed.trace; "
+            "print(sorted(m for m in ('pandas', 'pyarrow.dataset', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -174,14 +174,21 @@ def test_bad_suites_name_file_run_and_field(tmp_path, run, words):
         assert w in message, (w, message)
 
 
-def test_the_pool_options_reach_every_run(tmp_path, monkeypatch):
-    """`kedit suite`'s pool options, --share-weights included, are the ones each run's `kedit eval` gets."""
+@pytest.mark.parametrize("pool", [[], ["--workers", "4", "--share-weights"],
+                                  ["--workers", "2", "--cpus-per-worker", "1.5", "--gpus-per-worker", "0.5",
+                                   "--address", "auto", "--no-share-weights"]])
+def test_the_pool_options_reach_every_run(tmp_path, monkeypatch, pool):
+    """`kedit suite`'s pool options, each of them, are the ones each run's `kedit eval` gets."""
     import kedit_ray.suite
+    from kedit_ray.cli import build_parser
 
     got = []
     monkeypatch.setattr(kedit_ray.suite, "run_suite", lambda file, out, pool: got.append(pool) or 0)
-    assert main(["suite", "s.toml", "--out", str(tmp_path), "--workers", "4", "--share-weights"]) == 0
-    assert got == [["--workers", "4", "--gpus-per-worker", "0", "--share-weights"]]
+    assert main(["suite", "s.toml", "--out", str(tmp_path), *pool]) == 0
+    parse = build_parser().parse_args
+    suite, run = parse(["suite", "s.toml", "--out", "x", *pool]), parse(["eval", "--data", "x", "--out", "x", *got[0]])
+    for dest in ("workers", "cpus_per_worker", "gpus_per_worker", "address", "share_weights"):
+        assert getattr(run, dest) == getattr(suite, dest), (dest, got)
 
 
 def test_not_toml_and_no_runs(tmp_path, capsys):

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from kedit_ray.io import atomic_write, write_json
@@ -66,6 +65,8 @@ def finished(out: str | Path) -> set[int]:
 
 
 def read_results(out: str | Path) -> pa.Table:
+    import pyarrow.dataset as ds   # here: it imports pandas (see kedit_ray.results.read_results)
+
     path = Path(out) / "results"
     if not any(path.glob("fact-*.parquet")):
         return SCHEMA.empty_table()
