@@ -67,6 +67,7 @@ from kedit_ray.requests import EditRequest
 # LLaMA-2-7B layer 27 of 32 taken as a share of the depth).
 MEASURED = Measured("wise", {"layer": Rule(int, lambda n: 27 * n // 32, "the reference's 27 of 32"),
                              "lr": Rule(float, 1.0, "the reference's"),
+                             "mask_ratio": Rule(float, 0.2, "the reference's"),
                              "alpha": Rule(float, 5.0, "the reference's"), "beta": Rule(float, 20.0, "the reference's"),
                              "gamma": Rule(float, 10.0, "the reference's")})
 MERGE_WEIGHTS = (0.4, 0.6)   # TIES weights of a new shard and of the merged memory (the reference's)
@@ -85,8 +86,9 @@ class WiseParams:
     steps: int = option(70, "max gradient steps per edit", flag="--v-steps", parse=positive)
     stop_loss: float = option(0.02, "an edit stops training once its loss (target NLL plus the margin terms) is "
                               "below this", flag="--v-stop-nll", parse=fraction)
-    mask_ratio: float = option(0.2, "ρ, the share of the side memory's entries a shard trains (its random mask)",
-                               flag="--wise-mask-ratio", parse=fraction)
+    mask_ratio: float | None = option(None, "ρ, the share of the side memory's entries a shard trains (its random "
+                                      "mask; default: measured per model, else the reference's 0.2)",
+                                      flag="--wise-mask-ratio", parse=fraction)
     merge_every: int = option(100, "N: edits per shard; then the shard is TIES-merged into the side memory and a new "
                               "one starts", flag="--wise-merge-every", parse=positive)
     density: float = option(0.53, "TIES: the share of each task vector's entries kept (largest magnitudes)",
@@ -110,7 +112,7 @@ class WiseParams:
 
     def __post_init__(self):
         for name in ("mask_ratio", "density"):
-            if not 0 < getattr(self, name) <= 1:
+            if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
     @classmethod
@@ -403,7 +405,7 @@ class Wise(Editor):
     def edit(self, lm: LM, request: EditRequest) -> WiseAdaptor:
         """A new adaptor: the memory continued (the active adaptor's, else the kept one, else a fresh one) with
         this edit trained into its current shard."""
-        hp, t0 = self.hp, time.perf_counter()
+        hp, t0 = replace(self.hp, mask_ratio=self.setting(lm, "mask_ratio")), time.perf_counter()
         layer = self.layer(lm)
         name, block = lm.arch.name(hp.module, layer), lm.arch.name("layer", layer)
         module = get_module(lm.model, name)
