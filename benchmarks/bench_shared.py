@@ -26,14 +26,15 @@ import numpy as np
 import psutil
 import torch
 
-from kedit_ray.distributed.worker import ModelWorker
+from kedit_ray.distributed.suite import SuiteWorker
 from kedit_ray.models.loading import resolve
 
 GIB = 1 << 30
 
 
-class Held(ModelWorker):
-    """A worker that reports its pid and logits, and edits one weight on demand."""
+class Held(SuiteWorker):
+    """A worker that reports its pid and logits, and edits one weight on demand; a SuiteWorker, so that it holds the
+    code a `kedit eval` or `kedit suite` worker imports (editors, scorers, protocols), as a real worker does."""
 
     def probe(self) -> tuple[int, np.ndarray, int]:
         """(pid, the last position's logits on a prompt, parameters mapped from the store)."""

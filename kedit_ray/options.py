@@ -134,7 +134,7 @@ def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
                         "127.0.0.1)")
     p.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=False,
                    help="the CPU Ray workers of a node map one read-only copy of weights that a load makes anew "
-                        "(a --dtype other than the checkpoint's: 0.59x the PSS of 4 gemma-3-270m workers in "
+                        "(a --dtype other than the checkpoint's: 0.60x the PSS of 4 gemma-3-270m workers in "
                         "bfloat16), each keeping private copies only of the weights it edits; a load that maps the "
                         "checkpoint (float32 here) shares it already, through the page cache (default: off; the "
                         "check costs a load at pool start)")
