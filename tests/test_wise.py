@@ -261,6 +261,15 @@ def zsre_cases(n: int):
     return cases
 
 
+def test_mask_ratio_is_the_flag_else_the_models_defaults_else_the_reference(tiny_lm):
+    """ρ is a measured per-model default: a model without a defaults file takes the reference's 0.2; the edit
+    records the value it trained with, and its shard's mask holds that share of the entries."""
+    for given, used in ((None, 0.2), (0.5, 0.5)):
+        a = wise(steps=1, mask_ratio=given).edit(tiny_lm, A)
+        assert a.meta["params"]["mask_ratio"] == used
+        assert abs(len(a.memory.index) / math.prod(a.memory.shape) - used) < 0.05
+
+
 def test_gemma_two_sequential_zsre_edits(gemma):
     """Two zsRE edits one after another with the measured defaults: both answered by the side memory, and unrelated
     NQ questions by the main memory, bit for bit."""
