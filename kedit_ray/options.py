@@ -141,6 +141,7 @@ def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _ray_actions() -> list[argparse.Action]:
+    """The argparse actions of `add_ray_args`, read off a parser of their own."""
     p = argparse.ArgumentParser(add_help=False)
     add_ray_args(p, "")
     return p._actions
