@@ -17,7 +17,7 @@ import torch
 from kedit_ray.defaults import Measured, Rule
 from kedit_ray.editors.contract import Editor, option
 from kedit_ray.editors.delta import Delta
-from kedit_ray.editors.toolkit import target_ids, target_loss
+from kedit_ray.editors.toolkit import fit_adam, target_ids, target_loss
 from kedit_ray.models import LM, Trace, check_layer, get_module, weight_of
 from kedit_ray.options import fraction, positive, positive_float
 from kedit_ray.requests import EditRequest
@@ -86,26 +86,16 @@ class FT(Editor):
         tgt = torch.tensor(y, device=dev)
 
         dw = torch.zeros(shape, device=lm.device_of(name), requires_grad=True)   # ΔW [out, in], float32
-        opt = torch.optim.Adam([dw], lr=hp.lr)
 
         def hook(_m, args, kwargs, out):                                # W' x = W x + ΔW x
             x = args[0] if args else next(iter(kwargs.values()))
             return out + (x.float() @ dw.T).to(out.dtype)
 
+        c = hp.norm_constraint                                          # FT-L: project onto the L∞ ball
         handle = get_module(lm.model, name).register_forward_hook(hook, with_kwargs=True)
-        nll, steps = float("inf"), 0
         try:
-            for steps in range(hp.steps + 1):            # steps: the Adam updates made so far
-                loss = target_loss(lm, layer, cached, ids, mask, rows, cols, tgt)
-                nll = loss.item()
-                if nll < hp.stop_nll or steps == hp.steps:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if hp.norm_constraint is not None:                      # FT-L: project onto the L∞ ball
-                    with torch.no_grad():
-                        dw.clamp_(-hp.norm_constraint, hp.norm_constraint)
+            nll, steps = fit_adam([dw], lambda: target_loss(lm, layer, cached, ids, mask, rows, cols, tgt), hp.lr,
+                                  hp.steps, hp.stop_nll, None if c is None else lambda: dw.clamp_(-c, c))
         finally:
             handle.remove()
         return Delta({name: dw.detach()}, {   # float32; Delta.apply casts W + ΔW once to W's dtype

@@ -38,7 +38,7 @@ from torch import nn
 from kedit_ray.defaults import Measured, Rule, defaults_files
 from kedit_ray.editors.contract import Editor, option
 from kedit_ray.editors.delta import Hooked
-from kedit_ray.editors.toolkit import target_ids, target_loss
+from kedit_ray.editors.toolkit import fit_adam, target_ids, target_loss
 from kedit_ray.errors import SettingError
 from kedit_ray.io import load_tagged, save_tensors
 from kedit_ray.models import LM, TraceDict, check_layer, get_module, token_grid
@@ -248,22 +248,18 @@ class Grace(Editor):
         # train V_j so the model emits y after the prompt, under the adaptor's own forward rule
         adaptor = GraceAdaptor(name, keys, values.detach(), radii, labels, hp.replacement)
         v = values[j].detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([v], lr=hp.lr)
         rows = torch.zeros(len(y), dtype=torch.long)
         cols = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(y))
         dev = lm.device_of(lm.arch.lm_head)
         tgt = torch.tensor(y, device=dev)
-        fixed, nll, steps = values.detach(), float("inf"), 0
+        fixed = values.detach()
+
+        def loss():
+            adaptor.values = torch.cat([fixed[:j], v[None].to(fixed.device), fixed[j + 1:]])
+            return target_loss(lm, layer, cached, ids, mask, rows, cols, tgt)
+
         with adaptor.applied(lm.model):
-            for steps in range(hp.steps + 1):            # steps: the Adam updates made so far
-                adaptor.values = torch.cat([fixed[:j], v[None].to(fixed.device), fixed[j + 1:]])
-                loss = target_loss(lm, layer, cached, ids, mask, rows, cols, tgt)
-                nll = loss.item()
-                if nll < hp.stop_nll or steps == hp.steps:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            nll, steps = fit_adam([v], loss, hp.lr, hp.steps, hp.stop_nll)
         values = torch.cat([fixed[:j], v.detach()[None].to(fixed.device), fixed[j + 1:]])
         t2 = time.perf_counter()
         return GraceAdaptor(name, keys.detach().cpu(), values.cpu(), radii.cpu(), labels, hp.replacement, {

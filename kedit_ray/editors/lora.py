@@ -23,7 +23,7 @@ from kedit_ray.defaults import Measured, Rule
 from kedit_ray.editors.contract import Editor, option
 from kedit_ray.editors.delta import Delta
 from kedit_ray.editors.learned import build_rows
-from kedit_ray.editors.toolkit import band_modules, target_loss
+from kedit_ray.editors.toolkit import band_modules, fit_adam, target_loss
 from kedit_ray.models import LM, Trace, get_module
 from kedit_ray.models.hooks import stores_transposed
 from kedit_ray.options import fraction, names, positive, positive_float
@@ -144,16 +144,8 @@ class LoRA(Editor):
 
         with adapters(lm, names, rank, alpha) as lora:
             params = [p for m in lora.values() for p in (m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight)]
-            opt = torch.optim.Adam(params, lr=lr)
-            nll, steps = float("inf"), 0
-            for steps in range(hp.steps + 1):                            # steps: the Adam updates made so far
-                loss = target_loss(lm, layers[0], cached, rows.ids, rows.mask, r, c, tgt)   # mean over o* tokens
-                nll = loss.item()
-                if nll < stop or steps == hp.steps:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            nll, steps = fit_adam(params, lambda: target_loss(lm, layers[0], cached, rows.ids, rows.mask, r, c, tgt),
+                                  lr, hp.steps, stop)                   # mean NLL over o* tokens
             deltas = merged(lora)
         return Delta(deltas, {
             "method": self.name, "model": lm.name, "fingerprint": lm.fingerprint, "layers": layers,

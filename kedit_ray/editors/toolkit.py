@@ -215,6 +215,25 @@ def target_loss(lm: LM, layer: int, cached: torch.Tensor, ids: torch.Tensor, mas
         return torch.nn.functional.cross_entropy(logits, tgt.to(logits.device))
 
 
+def fit_adam(params: list[torch.Tensor], loss_fn, lr: float, steps: int, stop_nll: float,
+             project=None) -> tuple[float, int]:
+    """Adam on `params` until `loss_fn()` (a mean target NLL) is below `stop_nll` or `steps` updates are made;
+    `project()` runs after each update (FT-L's norm ball). Returns (the last NLL, the updates made)."""
+    opt, done = torch.optim.Adam(params, lr=lr), 0
+    while True:
+        loss = loss_fn()
+        nll = loss.item()
+        if nll < stop_nll or done == steps:
+            return nll, done
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        done += 1
+        if project is not None:
+            with torch.no_grad():
+                project()
+
+
 def mlp_out_of(lm: LM, layer: int, keys: torch.Tensor) -> torch.Tensor:
     """W k (+ b) in float32: the MLP output projection's output for keys [n, d_in], on W's device (the keys move
     there; for an offloaded W, the CPU of its store)."""
