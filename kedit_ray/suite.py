@@ -11,18 +11,23 @@ Each run is `kedit eval ... --out DIR/<name>` (kedit_ray.cli.cmd_eval), so DIR/<
 writes and resumes as it does. The runs share one pool (kedit_ray.distributed.suite): each worker loads the model
 once and serves every run that uses it; runs of the same model are run one after another. DIR/suite.json records
 each run's settings key, whether it is complete and its workers' peak memory; a rerun skips the complete runs
-whose settings are unchanged. At the end DIR/report.txt holds `kedit report`'s table over the runs and their cost
-(s/edit, peak memory), beside DIR/report.png.
+whose settings are unchanged, and each run's provenance: when it ended, kedit-ray's commit, the load average and
+its workers' machine. At the end DIR/report.txt holds `kedit report`'s table over the runs and their cost (s/edit,
+peak memory), beside DIR/report.png, and DIR/report.md the same as a results page: a table per dataset with each
+run's cost and provenance, the command and the figures.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import re
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from kedit_ray.io import file_sha256, write_json
@@ -35,6 +40,7 @@ OWN_FLAGS = ("--method", "--model", "--data", "--dataset", "--protocol", "--limi
              *ray_flags())
 INPUTS = ("editor_checkpoint", "stats_corpus", "ike_pool")   # options naming files, read from the current directory
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PROVENANCE = ("date", "commit", "load")   # a run's, beside its workers' peaks and machine in suite.json
 
 
 class SuiteError(ValueError):
@@ -238,6 +244,8 @@ def run_suite(path: str | Path, out: str | Path, pool_argv: list[str]) -> int:
         groups.setdefault(_model_key(r, parser), []).append(r)
     state_path = out / "suite.json"
     state = json.loads(state_path.read_text())["runs"] if state_path.exists() else {}
+    command = " ".join(["kedit suite", str(path), *pool_argv, "--out", str(out)])
+    version = commit()
     shared = SharedPool(Resources.from_args(parser.parse_args(["--data", "x", "--out", "x", *pool_argv])))
     worst = 0
     try:
@@ -248,7 +256,7 @@ def run_suite(path: str | Path, out: str | Path, pool_argv: list[str]) -> int:
                     continue
                 print(f"[kedit] suite: {r.name} ({i}/{len(runs)}): kedit eval {' '.join(r.argv)}", file=sys.stderr,
                       flush=True)
-                shared.run, shared.used = r.name, False
+                shared.run, shared.used, load = r.name, False, os.getloadavg()[0]
                 try:
                     code = cmd_eval(parser.parse_args([*r.argv, "--out", str(out / r.name), *pool_argv]))
                 except (ValueError, OSError, PoolError, pa.ArrowException) as e:   # this run's; the others go on
@@ -258,14 +266,31 @@ def run_suite(path: str | Path, out: str | Path, pool_argv: list[str]) -> int:
                 worst = max(worst, code)
                 summary = out / r.name / "summary.json"
                 complete = summary.exists() and json.loads(summary.read_text()).get("complete") is True
-                peaks = shared.peaks() if shared.used else state.get(r.name, {}).get("workers", [])
-                state[r.name] = {"key": r.key, "complete": complete and code == 0, "workers": peaks}
-                write_json(state_path, {"file": str(path), "runs": state})
+                before = state.get(r.name, {})
+                ran = {"workers": shared.peaks(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                       "commit": version, "load": [round(load, 2), round(os.getloadavg()[0], 2)]} if shared.used \
+                    else {k: before[k] for k in ("workers", *PROVENANCE) if k in before}
+                state[r.name] = {"key": r.key, "complete": complete and code == 0, **ran}
+                write_json(state_path, {"file": str(path), "command": command, "runs": state})
     finally:
         shared.close()
     text = write_report(out, runs, state)
+    write_markdown(out, runs, state, command)
     print(text)
     return worst
+
+
+def commit() -> str | None:
+    """The commit of the kedit-ray checkout this runs from ("+changes" with uncommitted changes to its tracked
+    files), None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = [subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+               for cmd in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])]
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return git[0] + ("+changes" if git[1] else "")
 
 
 def _gib(n: float | None) -> str:
@@ -303,4 +328,57 @@ def write_report(out: Path, runs: list[Run], state: dict) -> str:
     cost = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines)
     text += f"\n\ncost per run (peak memory: the largest of its workers' peaks during the run)\n{cost}\n"
     atomic_write(out / "report.txt", lambda tmp: Path(tmp).write_text(text))
+    return text
+
+
+def _pair(s: dict, key: str) -> str:
+    """"pre → post" of a summary's figure, "-" where it was not measured."""
+    pre, post = s.get(f"pre_{key}"), s.get(key)
+    return "-" if post is None else f"{post:.2f}" if pre is None else f"{pre:.2f} → {post:.2f}"
+
+
+def write_markdown(out: Path, runs: list[Run], state: dict, command: str) -> str:
+    """DIR/report.md: per dataset a table of its runs (each figure unedited → edited; sequential runs at their last
+    checkpoint, with TRR and ERR), their cost and provenance, then the figures; the command and the workers'
+    machines above. Runs without results are listed as not run yet."""
+    from kedit_ray.eval.report import OPTIONAL, load_run
+    from kedit_ray.io import atomic_write
+
+    ran = [r for r in runs if (out / r.name / "results").is_dir() and (out / r.name / "summary.json").exists()]
+    hosts = sorted({p["host"] for r in ran for p in state.get(r.name, {}).get("workers", []) if p.get("host")})
+    lines = [f"# {out.name}: {len(ran)} of {len(runs)} runs", "",
+             f"- Command: `{command}` (from the checkout's root)",
+             f"- Machine (the workers'): {'; '.join(hosts) or 'not recorded'}",
+             "- Each run's end (date), kedit-ray commit and 1-minute load average (at its start → end) are in its row;",
+             "  peak RSS is the largest of its workers' peaks during the run. ES, PS, NS, S: unedited → edited."]
+    by_dataset: dict[str, list] = {}
+    for r in ran:
+        by_dataset.setdefault(load_run(out / r.name).dataset, []).append(r)
+    for dataset, group in by_dataset.items():
+        summaries = {r.name: json.loads((out / r.name / "summary.json").read_text()) for r in group}
+        extra = [(c, k) for c, k in [("TRR", "TRR"), ("ERR", "ERR"), *OPTIONAL]
+                 if any(s.get(k) is not None for s in summaries.values())]
+        head = ["run", "editor", "protocol", "cases", "errors", "ES", "PS", "NS", "S", *[c for c, _ in extra],
+                "s/edit", "peak RSS GiB", "date", "commit", "load"]
+        lines += ["", f"## {dataset}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for r in group:
+            s, st = summaries[r.name], state.get(r.name, {})
+            rss = max((p["peak_rss"] for p in st.get("workers", []) if p.get("peak_rss") is not None), default=None)
+            load = st.get("load")
+            spe = s.get("seconds_per_edit")
+            row = [r.name, str(s.get("method")), str(s.get("protocol", "single")), str(s.get("cases")),
+                   str(s.get("errors")), *[_pair(s, k) for k in ("efficacy_score", "paraphrase_score",
+                                                                  "neighborhood_score", "score")],
+                   *[_pair(s, k) for _, k in extra], "-" if spe is None else f"{spe:.2f}", _gib(rss),
+                   st.get("date", "-"), st.get("commit") or "-", "-" if not load else f"{load[0]:.1f} → {load[1]:.1f}"]
+            lines.append("| " + " | ".join(row) + " |")
+        figure = f"report-{dataset}.png" if len(by_dataset) > 1 else "report.png"
+        lines += ["", f"![{dataset}: ES, PS, NS and S per run, 95% intervals]({figure})"]
+    if (out / "lifelong.png").exists():
+        lines += ["", "## Against the number of edits (runs with checkpoints)", "",
+                  "![ES, PS, NS and TRR against the number of edits](lifelong.png)"]
+    if pending := [r.name for r in runs if r not in ran]:
+        lines += ["", f"Not run yet: {', '.join(pending)}."]
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text

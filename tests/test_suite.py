@@ -99,6 +99,15 @@ def test_suite_runs_as_kedit_eval_on_one_model_and_resumes(setup, tmp_path, monk
     report = (out / "report.txt").read_text()
     assert all(name in report for name in RUNS) and "peak RSS GiB" in report
     assert (out / "report.png").stat().st_size > 1000
+    page = (out / "report.md").read_text()    # the results page: a table row per run, its cost and provenance
+    assert page.startswith("# suite: 3 of 3 runs") and f"`kedit suite {suite} " in page and f"--out {out}`" in page
+    rows_md = {line.split(" | ")[0].lstrip("| "): line for line in page.splitlines() if line.startswith("| ")}
+    assert set(RUNS) <= set(rows_md) and "(report.png)" in page and "(lifelong.png)" in page
+    for name in RUNS:
+        entry = state[name]
+        assert entry["date"] in rows_md[name] and entry["workers"][0]["host"] in page
+        assert len(entry["load"]) == 2 and "torch thread" in entry["workers"][0]["host"]
+        assert entry["commit"] is None or entry["commit"].split("+")[0] in rows_md[name]
 
     loads.clear()
     before = {n: (out / n / "summary.json").read_text() for n in RUNS}

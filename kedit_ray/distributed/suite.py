@@ -10,6 +10,8 @@ new pool: the one before is closed first.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,9 +57,24 @@ class SuiteWorker(EditWorker, BatchWorker):
         self.served.append(run)
 
     def peak(self) -> dict:
-        """This worker's name and its peak memory since the last `select`: resident (bytes, Linux) and CUDA."""
+        """This worker's name, its machine and its peak memory since the last `select`: resident (bytes, Linux)
+        and CUDA."""
         cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        return {"worker": self.name, "peak_rss": self.memory()["peak_rss"], "peak_cuda": cuda}
+        return {"worker": self.name, "host": machine(self.threads), "peak_rss": self.memory()["peak_rss"],
+                "peak_cuda": cuda}
+
+
+def machine(threads: int) -> str:
+    """This host as a results page names it: cores, processor, memory, GPU and the worker's torch threads."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{os.cpu_count()} cores ({cpu}){f', {ram:.0f} GiB' if ram else ''}{gpu}, "
+            f"{threads} torch thread{'s' * (threads != 1)}")
 
 
 def reset_peaks() -> None:
