@@ -479,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None, help="chart path (default: DIR/report.png of the first DIR)")
     p = command("suite", "run many evals from a TOML file on one pool of workers, then report them together")
     p.add_argument("file", help="the suite: a TOML file of [[run]] tables (docs/guide/suite.md)")
-    p.add_argument("--out", required=True, help="directory: one `kedit eval --out` folder per run, report.txt, "
-                                                "report.png, suite.json")
+    p.add_argument("--out", required=True, help="directory: one `kedit eval --out` folder per run, suite.json, "
+                                                "report.txt, report.md and the figures")
     add_ray_args(p, "suite")
     p = command("defaults", "the settings an editor takes on a model and where each comes from (a flag, the "
                             "user's or the package's defaults file, the method's rule); loads no weights")
