@@ -12,7 +12,7 @@ writes and resumes as it does. The runs share one pool (kedit_ray.distributed.su
 once and serves every run that uses it; runs of the same model are run one after another. DIR/suite.json records
 each run's settings key, whether it is complete and its workers' peak memory; a rerun skips the complete runs
 whose settings are unchanged, and each run's provenance: when it ended, kedit-ray's commit, the load average and
-its workers' machine. At the end DIR/report.txt holds `kedit report`'s table over the runs and their cost (s/edit,
+its workers' machine. After each run and at the end DIR/report.txt holds `kedit report`'s table over the runs and their cost (s/edit,
 peak memory), beside DIR/report.png, and DIR/report.md the same as a results page: a table per dataset with each
 run's cost and provenance, the command and the figures.
 """
@@ -272,6 +272,8 @@ def run_suite(path: str | Path, out: str | Path, pool_argv: list[str]) -> int:
                     else {k: before[k] for k in ("workers", *PROVENANCE) if k in before}
                 state[r.name] = {"key": r.key, "complete": complete and code == 0, **ran}
                 write_json(state_path, {"file": str(path), "command": command, "runs": state})
+                write_report(out, runs, state)   # after each run too: a suite cut short has its report so far
+                write_markdown(out, runs, state, command)
     finally:
         shared.close()
     text = write_report(out, runs, state)

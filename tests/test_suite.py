@@ -79,6 +79,7 @@ def test_suite_runs_as_kedit_eval_on_one_model_and_resumes(setup, tmp_path, monk
     monkeypatch.setattr(PartWriter, "add", cut)
     assert main(["suite", str(suite), "--out", str(out)]) == 130
     assert len(loads) == 1 and len(rows(out / "rome")) == 1
+    assert (out / "report.md").read_text().startswith("# suite: 2 of 3 runs")   # the report so far
     monkeypatch.setattr(PartWriter, "add", add)
     capsys.readouterr()
     assert main(["suite", str(suite), "--out", str(out)]) == 0             # resumes: the cut run only
