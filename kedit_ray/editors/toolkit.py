@@ -10,6 +10,7 @@ v*: the output that makes the model emit o*: v* = v0 + δ, with δ optimised on 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -215,8 +216,8 @@ def target_loss(lm: LM, layer: int, cached: torch.Tensor, ids: torch.Tensor, mas
         return torch.nn.functional.cross_entropy(logits, tgt.to(logits.device))
 
 
-def fit_adam(params: list[torch.Tensor], loss_fn, lr: float, steps: int, stop_nll: float,
-             project=None) -> tuple[float, int]:
+def fit_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], lr: float, steps: int,
+             stop_nll: float, project: Callable[[], object] | None = None) -> tuple[float, int]:
     """Adam on `params` until `loss_fn()` (a mean target NLL) is below `stop_nll` or `steps` updates are made;
     `project()` runs after each update (FT-L's norm ball). Returns (the last NLL, the updates made)."""
     opt, done = torch.optim.Adam(params, lr=lr), 0
