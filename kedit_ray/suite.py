@@ -368,7 +368,7 @@ def write_markdown(out: Path, runs: list[Run], state: dict, command: str) -> str
             rss = max((p["peak_rss"] for p in st.get("workers", []) if p.get("peak_rss") is not None), default=None)
             load = st.get("load")
             spe = s.get("seconds_per_edit")
-            row = [r.name, str(s.get("method")), str(s.get("protocol", "single")), str(s.get("cases")),
+            row = [r.name if s.get("complete") else f"{r.name} (incomplete: resumes)", str(s.get("method")), str(s.get("protocol", "single")), str(s.get("cases")),
                    str(s.get("errors")), *[_pair(s, k) for k in ("efficacy_score", "paraphrase_score",
                                                                   "neighborhood_score", "score")],
                    *[_pair(s, k) for _, k in extra], "-" if spe is None else f"{spe:.2f}", _gib(rss),
