@@ -12,9 +12,9 @@ writes and resumes as it does. The runs share one pool (kedit_ray.distributed.su
 once and serves every run that uses it; runs of the same model are run one after another. DIR/suite.json records
 each run's settings key, whether it is complete and its workers' peak memory; a rerun skips the complete runs
 whose settings are unchanged, and each run's provenance: when it ended, kedit-ray's commit, the load average and
-its workers' machine. After each run and at the end DIR/report.txt holds `kedit report`'s table over the runs and their cost (s/edit,
-peak memory), beside DIR/report.png, and DIR/report.md the same as a results page: a table per dataset with each
-run's cost and provenance, the command and the figures.
+its workers' machine. After each run (and at the end of a rerun with nothing to run) DIR/report.txt holds `kedit
+report`'s table over the runs and their cost (s/edit, peak memory), beside DIR/report.png, and DIR/report.md the
+same as a results page: a table per dataset with each run's cost and provenance, the command and the figures.
 """
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def run_suite(path: str | Path, out: str | Path, pool_argv: list[str]) -> int:
     command = " ".join(["kedit suite", str(path), *pool_argv, "--out", str(out)])
     version = commit()
     shared = SharedPool(Resources.from_args(parser.parse_args(["--data", "x", "--out", "x", *pool_argv])))
-    worst = 0
+    worst, text = 0, None
     try:
         with lending(shared):
             for i, r in enumerate([r for g in groups.values() for r in g], 1):
@@ -272,13 +272,10 @@ def run_suite(path: str | Path, out: str | Path, pool_argv: list[str]) -> int:
                     else {k: before[k] for k in ("workers", *PROVENANCE) if k in before}
                 state[r.name] = {"key": r.key, "complete": complete and code == 0, **ran}
                 write_json(state_path, {"file": str(path), "command": command, "runs": state})
-                write_report(out, runs, state)   # after each run too: a suite cut short has its report so far
-                write_markdown(out, runs, state, command)
+                text = write_report(out, runs, state, command)   # after each run: a suite cut short has its report
     finally:
         shared.close()
-    text = write_report(out, runs, state)
-    write_markdown(out, runs, state, command)
-    print(text)
+    print(text if text is not None else write_report(out, runs, state, command))
     return worst
 
 
@@ -299,20 +296,26 @@ def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
-def write_report(out: Path, runs: list[Run], state: dict) -> str:
+def _peaks(state: dict, name: str) -> tuple[float | None, float | None]:
+    """The largest resident and CUDA peak (bytes) of run `name`'s workers, None where not measured."""
+    peaks = state.get(name, {}).get("workers", [])
+    return tuple(max((p[k] for p in peaks if p.get(k) is not None), default=None) for k in ("peak_rss", "peak_cuda"))
+
+
+def write_report(out: Path, runs: list[Run], state: dict, command: str) -> str:
     """`kedit report`'s table and figure over the runs with results (DIR/report.png; with several datasets, also
     DIR/report-<dataset>.png each), and each run's cost: s/edit and its workers' peak memory; the text goes to
-    DIR/report.txt too."""
+    DIR/report.txt too, the results page to DIR/report.md (`write_markdown`)."""
     from kedit_ray.eval.report import load_run, plot, report
     from kedit_ray.io import atomic_write
 
-    dirs = [str(out / r.name) for r in runs if (out / r.name / "results").is_dir()]
-    if not dirs:
+    loaded = [load_run(out / r.name) for r in runs if (out / r.name / "results").is_dir()]
+    write_markdown(out, runs, state, command, {Path(run.path).name: run.dataset for run in loaded})
+    if not loaded:
         return "no run wrote results"
-    text = report(dirs, str(out / "report.png"))
+    text = report([run.path for run in loaded], str(out / "report.png"))
     by_dataset: dict[str, list] = {}
-    for d in dirs:
-        run = load_run(d)
+    for run in loaded:
         by_dataset.setdefault(run.dataset, []).append(run)
     if len(by_dataset) > 1:   # the figure over all runs, and one per dataset (its runs' bars side by side)
         text += "".join(f"\n{name}: {plot(group, out / f'report-{name}.png')}" for name, group in by_dataset.items())
@@ -320,9 +323,7 @@ def write_report(out: Path, runs: list[Run], state: dict) -> str:
     for r in runs:
         summary = out / r.name / "summary.json"
         s = json.loads(summary.read_text()) if summary.exists() else {}
-        peaks = state.get(r.name, {}).get("workers", [])
-        rss = max((p["peak_rss"] for p in peaks if p.get("peak_rss") is not None), default=None)
-        cuda = max((p["peak_cuda"] for p in peaks if p.get("peak_cuda") is not None), default=None)
+        rss, cuda = _peaks(state, r.name)
         spe = s.get("seconds_per_edit")
         lines.append((r.name, str(s.get("cases", "-")), str(s.get("errors", "-")),
                       "-" if spe is None else f"{spe:.3f}", _gib(rss), _gib(cuda)))
@@ -339,14 +340,15 @@ def _pair(s: dict, key: str) -> str:
     return "-" if post is None else f"{post:.2f}" if pre is None else f"{pre:.2f} → {post:.2f}"
 
 
-def write_markdown(out: Path, runs: list[Run], state: dict, command: str) -> str:
+def write_markdown(out: Path, runs: list[Run], state: dict, command: str, datasets: dict[str, str]) -> str:
     """DIR/report.md: per dataset a table of its runs (each figure unedited → edited; sequential runs at their last
     checkpoint, with TRR and ERR), their cost and provenance, then the figures; the command and the workers'
-    machines above. Runs without results are listed as not run yet."""
-    from kedit_ray.eval.report import OPTIONAL, load_run
+    machines above. `datasets`: the dataset of each run with results. Runs without results are listed as not run
+    yet."""
+    from kedit_ray.eval.report import OPTIONAL
     from kedit_ray.io import atomic_write
 
-    ran = [r for r in runs if (out / r.name / "results").is_dir() and (out / r.name / "summary.json").exists()]
+    ran = [r for r in runs if r.name in datasets and (out / r.name / "summary.json").exists()]
     hosts = sorted({p["host"] for r in ran for p in state.get(r.name, {}).get("workers", []) if p.get("host")})
     lines = [f"# {out.name}: {len(ran)} of {len(runs)} runs", "",
              f"- Command: `{command}` (from the checkout's root)",
@@ -355,7 +357,7 @@ def write_markdown(out: Path, runs: list[Run], state: dict, command: str) -> str
              "  peak RSS is the largest of its workers' peaks during the run. ES, PS, NS, S: unedited → edited."]
     by_dataset: dict[str, list] = {}
     for r in ran:
-        by_dataset.setdefault(load_run(out / r.name).dataset, []).append(r)
+        by_dataset.setdefault(datasets[r.name], []).append(r)
     for dataset, group in by_dataset.items():
         summaries = {r.name: json.loads((out / r.name / "summary.json").read_text()) for r in group}
         extra = [(c, k) for c, k in [("TRR", "TRR"), ("ERR", "ERR"), *OPTIONAL]
@@ -365,12 +367,10 @@ def write_markdown(out: Path, runs: list[Run], state: dict, command: str) -> str
         lines += ["", f"## {dataset}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for r in group:
             s, st = summaries[r.name], state.get(r.name, {})
-            rss = max((p["peak_rss"] for p in st.get("workers", []) if p.get("peak_rss") is not None), default=None)
-            load = st.get("load")
-            spe = s.get("seconds_per_edit")
-            row = [r.name if s.get("complete") else f"{r.name} (incomplete: resumes)", str(s.get("method")), str(s.get("protocol", "single")), str(s.get("cases")),
-                   str(s.get("errors")), *[_pair(s, k) for k in ("efficacy_score", "paraphrase_score",
-                                                                  "neighborhood_score", "score")],
+            rss, load, spe = _peaks(state, r.name)[0], st.get("load"), s.get("seconds_per_edit")
+            row = [r.name if s.get("complete") else f"{r.name} (incomplete: resumes)", str(s.get("method")),
+                   str(s.get("protocol", "single")), str(s.get("cases")), str(s.get("errors")),
+                   *[_pair(s, k) for k in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score")],
                    *[_pair(s, k) for _, k in extra], "-" if spe is None else f"{spe:.2f}", _gib(rss),
                    st.get("date", "-"), st.get("commit") or "-", "-" if not load else f"{load[0]:.1f} → {load[1]:.1f}"]
             lines.append("| " + " | ".join(row) + " |")

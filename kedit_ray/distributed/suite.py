@@ -43,6 +43,7 @@ class SuiteWorker(EditWorker, BatchWorker):
         self.in_ray = gpus is None
         self.digest = model_digest(self.lm.model)
         self.served: list[str] = []   # the runs served, in order (the tests count loads and runs by it)
+        self.host = machine(self.threads)
 
     def select(self, kind: str, spec: EvalSpec, run: str) -> None:
         """Serve `run` (`kind` "edit": the single protocol; "batch": the others) from a clean model: the edits still
@@ -60,7 +61,7 @@ class SuiteWorker(EditWorker, BatchWorker):
         """This worker's name, its machine and its peak memory since the last `select`: resident (bytes, Linux)
         and CUDA."""
         cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        return {"worker": self.name, "host": machine(self.threads), "peak_rss": self.memory()["peak_rss"],
+        return {"worker": self.name, "host": self.host, "peak_rss": self.memory()["peak_rss"],
                 "peak_cuda": cuda}
 
 
