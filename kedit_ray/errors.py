@@ -14,5 +14,5 @@ class SettingError(ValueError):
 
 
 class PoolError(RuntimeError):
-    """A run on workers cannot go on: a worker could not start, none could be placed, or a task took down every
-    worker that tried it (the work finished so far is saved)."""
+    """A run on workers cannot go on: a worker could not start, none could be placed, a task took down every
+    worker that tried it, or a sequential run's task raised (the work finished so far is saved)."""

@@ -27,8 +27,10 @@ class FakeWorker(ModelWorker):
         time.sleep(0.01)
         return item, self.value, self.name
 
-    def count(self, n: int, die: dict | None = None):
+    def count(self, n: int, die: dict | None = None, fail_at: int | None = None):
         for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"bad step {i}")
             yield self.echo(i, die)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kedit_ray.editors import Grace, GraceAdaptor, GraceParams, make_editor
+from kedit_ray.editors.grace import distances
 from kedit_ray.editors.toolkit import target_ids
 from kedit_ray.eval.zsre import zsre_scores
 from kedit_ray.models import Trace
@@ -66,6 +67,25 @@ def test_add_expand_split_give_the_papers_radii(tiny_lm64):
         b2 = g2.edit(tiny_lm, B)
     assert b2.meta["rule"] == "add" and b2.radii.tolist() == [0.4 * d, 0.4 * d]
     assert a2.meta["codebook_keys"] == 1 and b2.meta["codebook_keys"] == 2
+
+
+def test_an_expand_in_a_large_codebook_routes_its_query(tiny_lm):
+    """Past 25 keys the distance an edit sets a radius by is the one the codebook routes the query by, bit for bit,
+    so the value trains (torch.cdist's batched default rounds a row by the batch around it: on gemma-3's 2048-wide
+    queries a query expanded to exactly its distance missed its key half the time, and its value got no gradient)."""
+    gen = torch.Generator().manual_seed(0)
+    keys, queries = 3 * torch.randn(41, 2048, generator=gen), 3 * torch.randn(7, 2048, generator=gen)
+    batched = distances(queries, keys)
+    assert all(torch.equal(distances(q[None], keys)[0], row) for q, row in zip(queries, batched))
+
+    a = grace(1.0).edit(tiny_lm, A)
+    far = a.keys + 1e3 * torch.randn(40, a.keys.shape[1], generator=gen)
+    big = GraceAdaptor(a.module, torch.cat([far, a.keys]), torch.cat([a.values.expand(40, -1), a.values]),
+                       torch.tensor([1e-3] * 41), [a.labels[0]] * 41, a.replacement)   # A's key: a tiny radius
+    with big.applied(tiny_lm.model):
+        b = grace(1e3).edit(tiny_lm, B)                               # expands A's key to B's query's distance
+    assert b.meta["rule"] == "expand" and b.meta["key"] == 40 and b.meta["v_steps"] > 0
+    assert b.radii[40].item() == b.meta["distance"]
 
 
 def test_edit_takes_effect_and_a_miss_is_bit_identical(tiny_lm):

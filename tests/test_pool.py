@@ -143,6 +143,7 @@ def test_scatter_broadcast_and_generate_survive_a_dead_worker(logical_gpus, tmp_
     from fake_worker import FakeWorker
 
     from kedit_ray.distributed.pool import Lost, RayPool
+    from kedit_ray.errors import PoolError
 
     with RayPool(FakeWorker, (), Resources(2, cpus_per_worker=0.5), 2) as pool:
         first = {i.name for i in pool.infos}
@@ -164,6 +165,14 @@ def test_scatter_broadcast_and_generate_survive_a_dead_worker(logical_gpus, tmp_
         die = {"item": 2, "file": str(tmp_path / "generate")}
         values = [v[0] for v in pool.generate("count", 4, die)]
         assert values == [0, 1, 0, 1, 2, 3]                                # started over on another worker
+        deadline = time.monotonic() + 60
+        while len(pool.infos) < 2 and time.monotonic() < deadline:   # the replacement joins
+            pool.scatter(list(range(4)), "echo")
+        replaced = pool.replaced
+        with pytest.raises(PoolError, match="count raised on a worker: ValueError: bad step 2; the work finished"):
+            list(pool.generate("count", 4, None, 2))
+        names = {o[2] for o in pool.scatter(list(range(8)), "echo")}       # it raised, and serves on: both do
+        assert pool.replaced == replaced and len(names) == 2
 
 
 def test_driver_resolves_c_once_and_ships_it_to_every_worker(logical_gpus, monkeypatch):

@@ -43,6 +43,28 @@ def test_report_draws_runs_and_names_their_errors(tmp_path):
     assert load_run(bad).final_rows() == []
 
 
+def test_many_runs_get_a_row_each(tmp_path, monkeypatch):
+    """Past MANY runs the figure is a panel per metric and a labelled row per run, in the order given, and the
+    run whose every case failed is named in the legend."""
+    from matplotlib.figure import Figure
+
+    from kedit_ray.eval.report import MANY, plot
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    names = [f"m{i}" for i in range(MANY + 2)]
+    runs = [load_run(fake_run(tmp_path / n, n, 10, errors=0, seed=i)) for i, n in enumerate(names)]
+    runs.append(load_run(fake_run(tmp_path / "broken", "broken", 2, errors=2)))
+    plot(runs, tmp_path / "report.png")
+    fig, = saved
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split()[0] for ax in panels] == ["ES", "PS", "NS", "S"]
+    rows = sorted(zip(panels[0].get_yticks(), (t.get_text() for t in panels[0].get_yticklabels())), reverse=True)
+    assert [label for _, label in rows] == [f"{n} (C = I) (edited, n=10)" for n in names]   # the first on top
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any(t.startswith("not drawn: broken: all 2 cases failed") for t in legend)
+
+
 def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
     rng = np.random.default_rng(1)
     small = (rng.random((20, 3)) < (0.8, 0.6, 0.7)).astype(float)

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from kedit_ray.distributed.cluster import connect
 from kedit_ray.distributed.shared import WeightStore, sharing
@@ -308,6 +308,10 @@ class RayPool:
                 if attempt + 1 == MAX_DEATHS:
                     raise PoolError(f"{method} took down {MAX_DEATHS} workers: {_line(exc)}") from None
                 continue
+            except RayTaskError as exc:      # it raised: the run stops, the worker serves the next one (a suite's)
+                self.idle.append(actor)
+                raise PoolError(f"{method} raised on a worker: {_line(exc)}; the work finished so far is saved "
+                                "(--debug shows the worker's traceback)") from exc
             self.idle.append(actor)
             return
 

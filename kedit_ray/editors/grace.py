@@ -78,6 +78,14 @@ class GraceParams:
         return cls(**d)
 
 
+def distances(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances [n_queries, n_keys], each pair summed on its own: the distance an edit sets a radius by
+    is then the one the codebook routes by, however many queries come along (torch.cdist's default switches to
+    |q|² + |k|² - 2 q·k past 25 rows, whose rounding depends on the batch: a query at its own key's radius missed
+    it, and the edit's value got no gradient)."""
+    return torch.cdist(queries, keys, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 class GraceAdaptor(Hooked):
     """The codebook for one module: keys [N, d_in], values [N, d_out], radii [N], labels (token id lists)."""
 
@@ -106,7 +114,7 @@ class GraceAdaptor(Hooked):
         wide = torch.promote_types(h.dtype, torch.float32)
         keys = self.keys.to(h.device, wide)
         q = h.reshape(-1, h.shape[-1]).to(wide)
-        d, i = torch.cdist(q, keys).min(1)                                # nearest key per position
+        d, i = distances(q, keys).min(1)                                  # nearest key per position
         hit = d <= self.radii.to(d.device)[i]
         if not hit.any():
             return out                                                    # the same tensor: bit-identical
@@ -220,7 +228,7 @@ class Grace(Editor):
         # Algorithm 1: add, expand or split
         dist = float("inf")
         if len(keys):
-            dists = torch.cdist(h[None], keys.to(h.dtype))[0]
+            dists = distances(h[None], keys.to(h.dtype))[0]
             dist, j = dists.min(0)
             dist, j = dist.item(), j.item()
         if not len(keys) or dist > eps + radii[j].item():

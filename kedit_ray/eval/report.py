@@ -5,7 +5,8 @@ edits, one line per run (labelled by its method), in lifelong.png beside the fig
 Each run's results are read once (`Run`); the table, the figure and the bootstrap intervals come from those rows.
 The figure: ES, PS, NS and S as groups of bars, one bar per run after the edit and its unedited value hatched (once,
 in grey, when every run scored the same cases on the same model), with 95% intervals from a bootstrap over cases,
-n per run in the legend and runs whose every case failed named under the axes, not drawn.
+n per run in the legend and runs whose every case failed named under the axes, not drawn; with more than MANY runs,
+a panel per metric and a row per run instead.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ COLUMNS = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighbo
 # shown when some run has it: zsRE with portability questions, --ppl-docs, --generate (beside ES and PS)
 OPTIONAL = [("ES gen", "efficacy_generated"), ("PS gen", "paraphrase_generated"), ("Port", "portability_score"),
             ("PPL", "perplexity")]
+MANY = 4   # more runs than this: `plot` draws a row per run instead of grouped bars
 
 
 @dataclass
@@ -182,6 +184,8 @@ def plot(runs: list[Run], png: str | Path) -> Path:
     labelled = list(zip(runs, _labels(runs)))
     drawn = [(r, lab) for r, lab in labelled if r.final_rows()]
     failed = [(r, lab) for r, lab in labelled if not r.final_rows()]
+    if len(drawn) > MANY:
+        return _plot_rows(drawn, failed, png)
     shared = _shared_pre([r for r, _ in drawn])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     bars = []                                           # (values [n, 3], colour, hatched, legend label)
@@ -215,19 +219,66 @@ def plot(runs: list[Run], png: str | Path) -> Path:
     ax.yaxis.grid(True, linewidth=0.5, alpha=0.5)
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
-    models = sorted({str(r.summary.get("model")) for r in runs})
-    datasets = sorted({lookup(r.dataset).title for r in runs})
-    ax.set_title(f"{', '.join(models)} · {', '.join(datasets)}", fontsize=10)
+    ax.set_title(_title(runs), fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     if drawn:
         handles.append(Patch(facecolor="none", edgecolor="none"))
         labels.append("error bars: 95% bootstrap CI over cases")
-    notes = [f"{lab}: all {len(set(r.cols.get('case_id', [])))} cases failed ({_first_error(r)})"
-             if r.cols.get("case_id") else f"{lab}: no results" for r, lab in failed]
-    if notes:
-        handles += [Patch(facecolor="none", edgecolor="none")] * len(notes)
-        labels += [f"not drawn: {note}" for note in notes]
+    notes = _not_drawn(failed)
+    handles += [Patch(facecolor="none", edgecolor="none")] * len(notes)
+    labels += notes
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.savefig(png, dpi=150)
+    plt.close(fig)
+    return Path(png)
+
+
+def _title(runs: list[Run]) -> str:
+    models = sorted({str(r.summary.get("model")) for r in runs})
+    return f"{', '.join(models)} · {', '.join(sorted({lookup(r.dataset).title for r in runs}))}"
+
+
+def _not_drawn(failed: list[tuple[Run, str]]) -> list[str]:
+    return [f"not drawn: {lab}: all {len(set(r.cols['case_id']))} cases failed ({_first_error(r)})"
+            if r.cols.get("case_id") else f"not drawn: {lab}: no results" for r, lab in failed]
+
+
+def _plot_rows(drawn: list[tuple[Run, str]], failed: list[tuple[Run, str]], png: str | Path) -> Path:
+    """`plot` for many runs: a panel per metric, a row per run (its bar after the edit with its 95% interval and
+    value in a column at the right, a tick at its unedited value), so that labels never overlap however many runs there are."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    y = np.arange(len(drawn))[::-1]                                   # the first run on top
+    fig, axes = plt.subplots(1, len(COLUMNS), sharey=True, figsize=(10, 1.4 + 0.3 * len(drawn)),
+                             layout="constrained")
+    points = [(_point(r.scores()), bootstrap(r.scores()), _point(r.scores("pre_"))) for r, _ in drawn]
+    for m, (ax, name) in enumerate(zip(axes, ["ES efficacy", "PS paraphrase", "NS neighbourhood", "S harmonic mean"])):
+        for yi, (post, ci, pre) in zip(y, points):
+            if np.isnan(post[m]):
+                continue
+            err = np.abs(ci[m] - post[m])[:, None]
+            ax.barh(yi, post[m], 0.7, color="#4c72b0", xerr=err, capsize=2,
+                    error_kw={"elinewidth": 0.8, "ecolor": "#333333"})
+            ax.plot(pre[m], yi, marker="|", markersize=11, markeredgewidth=2, color="#d62728")
+            ax.text(1.05, yi, f"{post[m]:.2f}", va="center", fontsize=7, color="#333333")   # a column of values
+        ax.set_xlim(0, 1.22)
+        ax.set_xticks([0, 0.5, 1])
+        ax.set_title(name, fontsize=9)
+        ax.xaxis.grid(True, linewidth=0.5, alpha=0.5)
+        ax.set_axisbelow(True)
+        ax.spines[["top", "right"]].set_visible(False)
+    edited = ["edited" if r.last_checkpoint is None else f"after {r.last_checkpoint} edits" for r, _ in drawn]
+    axes[0].set_yticks(y, [f"{lab} ({what}, {_counts(r)})" for (r, lab), what in zip(drawn, edited)], fontsize=8)
+    fig.suptitle(_title([r for r, _ in drawn + failed]), fontsize=10)
+    handles = [Patch(color="#4c72b0"), Line2D([], [], marker="|", linestyle="none", markersize=11,
+                                               markeredgewidth=2, color="#d62728"),
+               Patch(facecolor="none", edgecolor="none")]
+    labels = ["after the edits (mean over cases)", "unedited model, the same cases", "error bars: 95% bootstrap CI"]
+    notes = _not_drawn(failed)
+    fig.legend(handles + [handles[-1]] * len(notes), labels + notes, loc="outside lower center", ncols=3, fontsize=8,
+               frameon=False)
     fig.savefig(png, dpi=150)
     plt.close(fig)
     return Path(png)
@@ -286,7 +337,9 @@ def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
 
     panels = COLUMNS[:3] + [("TRR", "TRR")] + columns(summaries.values())[len(COLUMNS):]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]   # one per run, the same in every panel
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    if len(summaries) > len(colors):
+        colors = list(plt.get_cmap("tab20").colors)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), layout="constrained")
     for ax, (name, key) in zip(axes, panels):
         curves = {run: [sorted((int(t), c[k]) for t, c in s.get("checkpoints", {}).items() if c.get(k) is not None)
                         for k in (key, f"pre_{key}")] for run, s in summaries.items()}
@@ -307,8 +360,11 @@ def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
             ax.set_ylim(0, 1.05)
         if len({int(t) for s in summaries.values() for t in s.get("checkpoints", {})}) > 2:
             ax.set_xscale("log")
-    axes[0].legend(fontsize=8, loc="center right")
-    fig.tight_layout()
+    if len(summaries) > MANY:   # a legend under the panels, not over the first one's curves
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=8,
+                   frameon=False)
+    else:
+        axes[0].legend(fontsize=8, loc="center right")
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return Path(png)
@@ -321,6 +377,8 @@ def report(dirs: list[str], png: str | None = None) -> str:
     errors = error_lines(runs)
     text = f"{table(summaries)}\n" + (f"\n{errors}\n" if errors else "") + f"\nchart: {path}"
     if any(s.get("checkpoints") for s in summaries.values()):
-        lifelong = plot_lifelong(summaries, Path(path).with_name("lifelong.png"))
+        # the curves: runs scored at two checkpoints or more (a run in one batch is a point), else every run
+        curves = {p: s for p, s in summaries.items() if len(s.get("checkpoints") or {}) > 1} or summaries
+        lifelong = plot_lifelong(curves, Path(path).with_name("lifelong.png"))
         text += f"\n\n{checkpoint_table(summaries)}\n\nES/PS/NS vs number of edits: {lifelong}"
     return text

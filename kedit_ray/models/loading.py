@@ -306,7 +306,17 @@ def wrap(model: nn.Module, tok, name: str, templates: dict[str, str] | None = No
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     slim(tok)
+    contiguous_head(model)
     return LM(model, tok, detect_arch(model, templates), name, fingerprint(model, source), source)
+
+
+def contiguous_head(model: nn.Module) -> None:
+    """Hand the output layer a contiguous input. `generate` slices the last position of a batch of prompts (a
+    strided [B, 1, d] view), and torch's bfloat16 matmul on the CPU then copies the weight out for each sequence
+    ([B, d, vocab]: 6.4 GB for 20 prompts on gemma-3-270m) instead of one matrix product; the same logits."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 def slim(tok) -> None:
