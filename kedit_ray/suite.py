@@ -377,7 +377,7 @@ def write_markdown(out: Path, runs: list[Run], state: dict, command: str, datase
         figure = f"report-{dataset}.png" if len(by_dataset) > 1 else "report.png"
         lines += ["", f"![{dataset}: ES, PS, NS and S per run, 95% intervals]({figure})"]
     if (out / "lifelong.png").exists():
-        lines += ["", "## Against the number of edits (runs with checkpoints)", "",
+        lines += ["", "## Against the number of edits (runs scored at two checkpoints or more)", "",
                   "![ES, PS, NS and TRR against the number of edits](lifelong.png)"]
     if pending := [r.name for r in runs if r not in ran]:
         lines += ["", f"Not run yet: {', '.join(pending)}."]

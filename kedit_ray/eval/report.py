@@ -1,6 +1,6 @@
 """`kedit report`: the aggregate table of eval runs and a figure of their scores; for runs with checkpoints (batch,
 sequential protocols) also ES / PS / NS (and TRR, portability and perplexity where measured) against the number of
-edits, one line per run (labelled by its method), in lifelong.png beside the figure.
+edits, one line per run scored at two checkpoints or more (labelled by its method), in lifelong.png beside the figure.
 
 Each run's results are read once (`Run`); the table, the figure and the bootstrap intervals come from those rows.
 The figure: ES, PS, NS and S as groups of bars, one bar per run after the edit and its unedited value hatched (once,
@@ -244,8 +244,8 @@ def _not_drawn(failed: list[tuple[Run, str]]) -> list[str]:
 
 
 def _plot_rows(drawn: list[tuple[Run, str]], failed: list[tuple[Run, str]], png: str | Path) -> Path:
-    """`plot` for many runs: a panel per metric, a row per run (its bar after the edit with its 95% interval and
-    value in a column at the right, a tick at its unedited value), so that labels never overlap however many runs there are."""
+    """`plot` for many runs: a panel per metric, a row per run (its bar after the edit with its 95% interval, its
+    value in a column at the right, a tick at its unedited value): labels never overlap, however many runs."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
