@@ -306,14 +306,14 @@ def write_report(out: Path, runs: list[Run], state: dict, command: str) -> str:
     """`kedit report`'s table and figure over the runs with results (DIR/report.png; with several datasets, also
     DIR/report-<dataset>.png each), and each run's cost: s/edit and its workers' peak memory; the text goes to
     DIR/report.txt too, the results page to DIR/report.md (`write_markdown`)."""
-    from kedit_ray.eval.report import load_run, plot, report
+    from kedit_ray.eval.report import load_run, plot, render
     from kedit_ray.io import atomic_write
 
     loaded = [load_run(out / r.name) for r in runs if (out / r.name / "results").is_dir()]
     write_markdown(out, runs, state, command, {Path(run.path).name: run.dataset for run in loaded})
     if not loaded:
         return "no run wrote results"
-    text = report([run.path for run in loaded], str(out / "report.png"))
+    text = render(loaded, out / "report.png")
     by_dataset: dict[str, list] = {}
     for run in loaded:
         by_dataset.setdefault(run.dataset, []).append(run)

@@ -371,9 +371,13 @@ def plot_lifelong(summaries: dict[str, dict], png: str | Path) -> Path:
 
 
 def report(dirs: list[str], png: str | None = None) -> str:
-    runs = [load_run(d) for d in dirs]
+    return render([load_run(d) for d in dirs], png or Path(dirs[0]) / "report.png")
+
+
+def render(runs: list[Run], png: str | Path) -> str:
+    """`report` over runs already read: the table, the figure at `png`, lifelong.png beside it."""
     summaries = {r.path: r.summary for r in runs}
-    path = plot(runs, png or Path(dirs[0]) / "report.png")
+    path = plot(runs, png)
     errors = error_lines(runs)
     text = f"{table(summaries)}\n" + (f"\n{errors}\n" if errors else "") + f"\nchart: {path}"
     if any(s.get("checkpoints") for s in summaries.values()):
