@@ -334,6 +334,16 @@ def write_report(out: Path, runs: list[Run], state: dict, command: str) -> str:
     return text
 
 
+def _incomplete(run_dir: Path, s: dict) -> str:
+    """How a rerun goes on with an incomplete run: a sequential run resumes from its run state, which only an editor
+    whose edits are weight deltas saves (GRACE, WISE and IKE runs start over, from an empty directory)."""
+    from kedit_ray.eval.resume import RUN_STATE
+
+    if s.get("protocol") == "sequential" and not (run_dir / RUN_STATE).exists():
+        return "incomplete: no run state, delete its directory to rerun"
+    return "incomplete: resumes"
+
+
 def _pair(s: dict, key: str) -> str:
     """"pre → post" of a summary's figure, "-" where it was not measured."""
     pre, post = s.get(f"pre_{key}"), s.get(key)
@@ -368,8 +378,9 @@ def write_markdown(out: Path, runs: list[Run], state: dict, command: str, datase
         for r in group:
             s, st = summaries[r.name], state.get(r.name, {})
             rss, load, spe = _peaks(state, r.name)[0], st.get("load"), s.get("seconds_per_edit")
-            row = [r.name if s.get("complete") else f"{r.name} (incomplete: resumes)", str(s.get("method")),
-                   str(s.get("protocol", "single")), str(s.get("cases")), str(s.get("errors")),
+            name = r.name if s.get("complete") else f"{r.name} ({_incomplete(out / r.name, s)})"
+            row = [name, str(s.get("method")), str(s.get("protocol", "single")), str(s.get("cases")),
+                   str(s.get("errors")),
                    *[_pair(s, k) for k in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score")],
                    *[_pair(s, k) for _, k in extra], "-" if spe is None else f"{spe:.2f}", _gib(rss),
                    st.get("date", "-"), st.get("commit") or "-", "-" if not load else f"{load[0]:.1f} → {load[1]:.1f}"]

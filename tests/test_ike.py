@@ -115,6 +115,34 @@ def test_hooked_model_reads_the_context_like_a_direct_run(tiny_lm64, pool):
     assert torch.equal(run(lm, rows), before)                          # reverted: bit for bit
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_a_scorers_pass_reads_c_from_its_cache_as_a_direct_run(pool, monkeypatch, family):
+    """A scorer's pass (no cache of its own) reads C's keys and values computed once: left- and right-padded rows
+    give what C + row gives in one pass, on a model whose sliding window (gemma-3's local layers) is shorter than C
+    and on one with learned absolute positions (GPT-2), twice with the same cache."""
+    from families import CONFIGS, make_family_lm
+
+    if family == "gemma3_text":
+        name, fields = CONFIGS[family]
+        monkeypatch.setitem(CONFIGS, family, (name, {**fields, "sliding_window": 8}))
+    lm = make_family_lm(family)
+    lm.model.double()
+    ctx = ike(pool).edit(lm, A)
+    assert family != "gemma3_text" or len(ctx.ids) > 2 * lm.model.config.sliding_window
+    rows = [lm.tok(p).input_ids for p in PROMPTS]
+    for side in ("right", "left"):
+        ids, mask = pad(rows, lm.tok.pad_token_id, "cpu")
+        if side == "left":
+            ids, mask = (torch.stack([r.roll(int((m == 0).sum())) for r, m in zip(t, mask)]) for t in (ids, mask))
+        with ctx.applied(lm.model), torch.no_grad():
+            got = [lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits for _ in range(2)]
+            assert ctx._prefix is not None                          # the cached path ran
+        for b, row in enumerate(rows):
+            cols = mask[b].nonzero()[:, 0]
+            want = direct(lm, ctx, row)
+            assert close(got[0][b, cols], want) and torch.equal(got[0][b, cols], got[1][b, cols]), (side, b)
+
+
 def test_every_scorer_reads_through_the_context(tiny_lm64, pool):
     """forced_reads (a Trace of the final norm, stopped there), target_nll and zsRE's teacher forcing (the head on
     gathered positions) give with the edit what they give for the prompts written after C's text."""
@@ -135,8 +163,9 @@ def test_every_scorer_reads_through_the_context(tiny_lm64, pool):
 
 def test_a_row_without_its_bos_is_refused(tiny_lm64, pool):
     ctx = ike(pool).edit(tiny_lm64, A)
-    with ctx.applied(tiny_lm64.model), pytest.raises(ValueError, match="does not start with"):
-        tiny_lm64.model(input_ids=torch.tensor([tiny_lm64.tok(PROMPTS[0]).input_ids[1:]]))
+    for use_cache in (None, False):   # a plain pass, a scorer's (C's cache)
+        with ctx.applied(tiny_lm64.model), pytest.raises(ValueError, match="does not start with"):
+            tiny_lm64.model(input_ids=torch.tensor([tiny_lm64.tok(PROMPTS[0]).input_ids[1:]]), use_cache=use_cache)
 
 
 # ------------------------------------------------------------------------------------ retrieval

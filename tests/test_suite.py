@@ -10,6 +10,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from kedit_ray.cli import main
+from kedit_ray.io import write_json
 from kedit_ray.results import PartWriter
 from kedit_ray.spec import ModelSpec
 from kedit_ray.suite import SuiteError, load_suite
@@ -209,6 +210,22 @@ def test_not_toml_and_no_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"kedit suite: error: {tmp_path / 's.toml'}: run 1: name: missing")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_page_says_which_incomplete_runs_resume(tmp_path):
+    """An incomplete sequential run resumes from its run state; one without (GRACE, WISE, IKE keep none) is marked
+    as one to delete before a rerun, since `kedit eval` refuses to go on with it."""
+    from kedit_ray.eval.resume import RUN_STATE
+    from kedit_ray.suite import Run, write_markdown
+
+    runs = [Run(name, [], name, f"s.toml: run {i} {name!r}", []) for i, name in enumerate(("rome", "ike", "ft"), 1)]
+    for run, protocol in zip(runs, ("sequential", "sequential", "single")):
+        (tmp_path / run.name).mkdir()
+        write_json(tmp_path / run.name / "summary.json", {"complete": False, "protocol": protocol, "cases": 1})
+    (tmp_path / "rome" / RUN_STATE).write_bytes(b"")
+    page = write_markdown(tmp_path, runs, {}, "kedit suite s.toml", {r.name: "zsre" for r in runs})
+    assert "| rome (incomplete: resumes) |" in page and "| ft (incomplete: resumes) |" in page
+    assert "| ike (incomplete: no run state, delete its directory to rerun) |" in page
 
 
 def test_the_record_suite_is_valid():

@@ -29,6 +29,10 @@ views the final norm's output by the input's length; so with inputs_embeds, whic
 cannot run). With a KV cache (generation), later steps extend the mask and shift the positions. `revert` removes the
 hooks: the model is as it was.
 
+A scorer's pass (input ids, no cache, use_cache=False: every scorer's) does not read C again: C's keys and values
+are computed once per context (`prefix`) and each row, less its BOS, reads them at positions len(C), len(C) + 1, ...
+The same sums: 17x the cases per second after 50 sequential zsRE edits on gemma-3-270m (benchmarks/bench_ike.py).
+
 Edits compose: a new edit continues the context active on the model (its facts, one line each in edit order, and
 k demonstrations from the records nearest any of them), and only the last applied context is active. The sequential
 protocol and the batch protocol (an editor that is not `batched` has a batch edited request by request, each applied
@@ -37,6 +41,8 @@ is an error naming the number of edits and tokens.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import re
@@ -54,7 +60,7 @@ from kedit_ray.editors.delta import Hooked
 from kedit_ray.editors.toolkit import pad
 from kedit_ray.errors import SettingError
 from kedit_ray.io import write_json
-from kedit_ray.models import LM, Trace, check_layer, get_module, token_grid
+from kedit_ray.models import LM, StopForward, Trace, check_layer, get_module, token_grid
 from kedit_ray.options import count, positive
 from kedit_ray.requests import EditRequest
 from kedit_ray.stats.cache import context_length
@@ -230,6 +236,8 @@ class IkeContext(Hooked):
         self.meta["checkpoint"] = {"context_tokens": len(ids)}     # a figure for the sequential summary
         self._embed: torch.Tensor | None = None                   # per row, where C's embeddings go in
         self._drop: tuple[torch.Tensor, int] | None = None        # (first column, n) to drop at the final norm
+        self._unpack: tuple[torch.Tensor, torch.Tensor] | None = None   # (columns back, BOS columns): cached path
+        self._prefix: tuple[tuple, object, torch.Tensor] | None = None  # (device, dtype), C's cache, its last output
 
     @property
     def shift(self) -> int:
@@ -252,6 +260,8 @@ class IkeContext(Hooked):
                              f"{tuple(mask.shape)}")
         n, rows = self.shift, len(x)
         start = mask.argmax(1) if mask is not None else torch.zeros(rows, dtype=torch.long, device=x.device)
+        if key == "input_ids" and cache is None and pos is None and kw.get("use_cache") is False:
+            return self.after_prefix(model, kw, x, mask, start)
         at = start + self.skip                                    # after each row's BOS
         if cache is None or cache.get_seq_length() == 0:          # the rows' first pass: C goes in
             ids = torch.tensor(self.ids, device=x.device)
@@ -261,9 +271,7 @@ class IkeContext(Hooked):
             else:
                 emb = model.get_input_embeddings()(ids).to(x.dtype)
                 bos, kw[key] = emb[0], insert(x, at, emb[self.skip:].expand(rows, n, -1))
-            if self.skip and not (first == bos).reshape(rows, -1).all():
-                raise ValueError("an IKE context stands for each row's BOS token, but some row does not start with "
-                                 "it: tokenize inputs with the tokenizer's special tokens")
+            self.check_bos(first, bos)
             if pos is None:                                       # the model's own: 0, 1, ... over the longer rows
                 pos = torch.arange(x.shape[1], device=x.device).expand(rows, -1)
             cols = torch.arange(pos.shape[1], device=pos.device)
@@ -275,6 +283,70 @@ class IkeContext(Hooked):
         if mask is not None:
             kw["attention_mask"] = insert(mask, at, mask.new_ones(rows, n))
         return kw
+
+    def check_bos(self, first: torch.Tensor, bos: torch.Tensor) -> None:
+        """Each row's first token (or its embedding) must be the BOS that C's own stands for."""
+        if self.skip and not (first == bos).reshape(len(first), -1).all():
+            raise ValueError("an IKE context stands for each row's BOS token, but some row does not start with "
+                             "it: tokenize inputs with the tokenizer's special tokens")
+
+    def prefix(self, model: nn.Module, device: torch.device) -> tuple[object, torch.Tensor]:
+        """C's keys and values at every layer (a KV cache of C alone) and the final norm's output at C's last token,
+        computed once per device and dtype: IKE changes no weight, so every row reads the same C. The pass stops
+        before the final norm (a scorer's own Trace there must not see it), which then normalises C's last state."""
+        from transformers import DynamicCache
+
+        dtype = next(model.parameters()).dtype
+        if self._prefix is None or self._prefix[0] != (device, dtype):
+            cache, seen, norm = DynamicCache(config=model.config), [], get_module(model, self.final_norm)
+
+            def stop(_m, args, kwargs):
+                seen.append((args[0] if args else next(iter(kwargs.values())))[:, -1:].detach())
+                raise StopForward
+
+            handle = norm.register_forward_pre_hook(stop, with_kwargs=True)
+            try:
+                with torch.no_grad(), IkeContext.suspended(model), contextlib.suppress(StopForward):
+                    model(input_ids=torch.tensor([self.ids], device=device), cache=cache, use_cache=True)
+                with torch.no_grad():
+                    last = norm.forward(seen[0])[0, 0]             # the module's own sum, not its hooks
+            finally:
+                handle.remove()
+            self._prefix = ((device, dtype), cache, last)
+        return self._prefix[1], self._prefix[2]
+
+    def after_prefix(self, model: nn.Module, kw: dict, x: torch.Tensor, mask: torch.Tensor | None,
+                     start: torch.Tensor) -> dict:
+        """The model's keyword arguments for rows read after C's cached keys and values (a scorer's pass, no cache
+        of its own): each row's tokens but its BOS (C's stands for it) and padding are moved to its front, masked
+        after, at positions len(C), len(C) + 1, ...; the final norm's hook (`unpack`) puts its outputs back in the
+        row's columns, C's last one in the BOS's. The same sums as C + row in one pass, C's done once."""
+        rows, T = x.shape
+        self.check_bos(x[torch.arange(rows, device=x.device), start], torch.tensor(self.ids[0], device=x.device))
+        cache, _ = self.prefix(model, x.device)
+        cols = torch.arange(T, device=x.device).expand(rows, -1)
+        out = (cols == start[:, None]) if self.skip else torch.zeros_like(cols, dtype=torch.bool)
+        if mask is not None:
+            out = out | (mask == 0)
+        order = (out * T + cols).argsort(1)                        # kept tokens first, in order; stable by key
+        mine = copy.copy(cache)                                    # C's tensors, one view per row, not copied
+        mine.layers = [copy.copy(layer) for layer in cache.layers]
+        for layer in mine.layers:
+            layer.keys, layer.values = (layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+        kept = (~out).gather(1, order).long()
+        L = len(self.ids)
+        self._unpack = (order.argsort(1), start if self.skip else None)
+        return {**kw, "input_ids": x.gather(1, order), "position_ids": L + cols, "cache": mine,
+                "attention_mask": torch.cat([kept.new_ones(rows, L), kept], 1)}
+
+    def unpack(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm's output [B, T, d] of a cached pass in the rows' own columns, C's last output at BOS."""
+        back, bos = self._unpack
+        self._unpack = None
+        h = h.gather(1, back.to(h.device)[..., None].expand(-1, -1, h.shape[-1]))
+        if bos is not None:
+            h[torch.arange(len(h), device=h.device), bos.to(h.device)] = self._prefix[2].to(h.dtype)
+        return h
 
     def embedded(self, module: nn.Module, out: torch.Tensor) -> torch.Tensor:
         """The embedding's output [B, T, d] with C's embeddings (the module's own, scaled where it scales) put in."""
@@ -296,7 +368,7 @@ class IkeContext(Hooked):
 
     def hooks(self, model: nn.Module, stack: list) -> list:
         def pre(_m, args, kwargs):
-            self._drop = self._embed = None
+            self._drop = self._embed = self._unpack = None
             if stack[-1] is not self:                              # a later context supersedes this one
                 return None
             return (), self.splice(model, args, kwargs)
@@ -305,6 +377,8 @@ class IkeContext(Hooked):
             return self.embedded(m, out) if self._embed is not None else None
 
         def post(_m, _args, out):
+            if self._unpack is not None:
+                return self.unpack(out)
             return self.cut(out) if self._drop is not None else None
 
         return [model.register_forward_pre_hook(pre, with_kwargs=True),
@@ -312,7 +386,7 @@ class IkeContext(Hooked):
                 get_module(model, self.final_norm).register_forward_hook(post)]
 
     def reset(self) -> None:
-        self._drop = self._embed = None
+        self._drop = self._embed = self._unpack = self._prefix = None
 
     def norms(self) -> dict[str, float]:
         return {}                                                  # no weight changes
