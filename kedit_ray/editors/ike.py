@@ -236,7 +236,7 @@ class IkeContext(Hooked):
         self.meta["checkpoint"] = {"context_tokens": len(ids)}     # a figure for the sequential summary
         self._embed: torch.Tensor | None = None                   # per row, where C's embeddings go in
         self._drop: tuple[torch.Tensor, int] | None = None        # (first column, n) to drop at the final norm
-        self._unpack: tuple[torch.Tensor, torch.Tensor] | None = None   # (columns back, BOS columns): cached path
+        self._unpack: tuple | None = None   # cached path: (columns back, BOS columns or None, C's last output)
         self._prefix: tuple[tuple, object, torch.Tensor] | None = None  # (device, dtype), C's cache, its last output
 
     @property
@@ -323,7 +323,7 @@ class IkeContext(Hooked):
         row's columns, C's last one in the BOS's. The same sums as C + row in one pass, C's done once."""
         rows, T = x.shape
         self.check_bos(x[torch.arange(rows, device=x.device), start], torch.tensor(self.ids[0], device=x.device))
-        cache, _ = self.prefix(model, x.device)
+        cache, last = self.prefix(model, x.device)
         cols = torch.arange(T, device=x.device).expand(rows, -1)
         out = (cols == start[:, None]) if self.skip else torch.zeros_like(cols, dtype=torch.bool)
         if mask is not None:
@@ -335,17 +335,17 @@ class IkeContext(Hooked):
             layer.keys, layer.values = (layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
         kept = (~out).gather(1, order).long()
         L = len(self.ids)
-        self._unpack = (order.argsort(1), start if self.skip else None)
+        self._unpack = (order.argsort(1), start if self.skip else None, last)
         return {**kw, "input_ids": x.gather(1, order), "position_ids": L + cols, "cache": mine,
                 "attention_mask": torch.cat([kept.new_ones(rows, L), kept], 1)}
 
     def unpack(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm's output [B, T, d] of a cached pass in the rows' own columns, C's last output at BOS."""
-        back, bos = self._unpack
+        back, bos, last = self._unpack
         self._unpack = None
         h = h.gather(1, back.to(h.device)[..., None].expand(-1, -1, h.shape[-1]))
         if bos is not None:
-            h[torch.arange(len(h), device=h.device), bos.to(h.device)] = self._prefix[2].to(h.dtype)
+            h[torch.arange(len(h), device=h.device), bos.to(h.device)] = last.to(h.dtype)
         return h
 
     def embedded(self, module: nn.Module, out: torch.Tensor) -> torch.Tensor:
